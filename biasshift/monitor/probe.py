@@ -1,0 +1,202 @@
+"""Exact probe statistics: the paper's protocol for Fig. 2 and the appendix.
+
+After each epoch the paper computes "the units' average activations on a fixed subset of the
+training data" and plots "the median over all units" (Fig. 2a); the appendix computes "the median
+activation of each hidden unit on the whole training set".  :func:`probe_statistics` runs a model
+in eval mode under ``torch.no_grad()`` over a fixed probe set, keeps every activation of the
+monitored modules, and returns each unit's exact mean and median.
+
+Medians follow numpy's convention (the average of the two middle values for an even count).
+Non-finite activations are left out of both statistics and counted in ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from biasshift._names import unknown_name_error
+from biasshift.monitor.selection import (
+    ModuleSpec,
+    UnitDimSpec,
+    resolve_modules,
+    resolve_unit_dims,
+    unit_dim_for,
+)
+
+__all__ = ["ProbeStatistics", "exact_median", "probe_statistics"]
+
+
+def exact_median(values: Tensor, dim: int = 0) -> Tensor:
+    """Median along ``dim`` ignoring NaNs, averaging the two middle values for even counts.
+
+    Unlike :func:`torch.median` (which returns the lower of the two middle values) this agrees
+    with :func:`numpy.nanmedian`. A slice with no finite value gives NaN.
+    """
+    v = values.movedim(dim, 0)
+    s, _ = torch.sort(v, dim=0)  # NaNs sort to the end
+    k = (~torch.isnan(v)).sum(dim=0, keepdim=True)
+    lo = ((k - 1).clamp(min=0)) // 2
+    hi = k // 2
+    med = 0.5 * (s.gather(0, lo) + s.gather(0, hi))
+    med = torch.where(k > 0, med, torch.full_like(med, float("nan")))
+    return med.squeeze(0)
+
+
+@dataclass(frozen=True)
+class ProbeStatistics:
+    """Per monitored module, each unit's exact mean and median on the probe set.
+
+    All tensors live on the model's device; nothing is moved to the host until
+    :meth:`to_frame` or ``float()`` is called by the user.
+    """
+
+    mean: dict[str, Tensor]
+    median: dict[str, Tensor]
+    nonfinite: dict[str, Tensor]
+    samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.mean)
+
+    def _select(self, modules: Iterable[str] | None) -> list[str]:
+        names = self.modules if modules is None else list(modules)
+        for n in names:
+            if n not in self.mean:
+                raise unknown_name_error("probed module", n, self.modules)
+        return names
+
+    def median_of_means(self, modules: Iterable[str] | None = None) -> Tensor:
+        """The paper's Fig. 2a summary: the median over all units of the units' mean activation.
+
+        Units of all ``modules`` (default: every probed module) are pooled. Returns a 0-dim tensor.
+        """
+        means = torch.cat([self.mean[n].reshape(-1) for n in self._select(modules)])
+        return exact_median(means)
+
+    def layer_median_of_means(self) -> dict[str, Tensor]:
+        """Per module, the median over its units of the units' mean activation."""
+        return {n: exact_median(m) for n, m in self.mean.items()}
+
+    def to_frame(self) -> pd.DataFrame:
+        """A tidy table, one row per (module, unit).
+
+        Columns: ``module, unit, mean, median, samples, nonfinite``.
+        """
+        frames = []
+        for n in self.modules:
+            units = self.mean[n].numel()
+            frames.append(pd.DataFrame({
+                "module": n,
+                "unit": range(units),
+                "mean": self.mean[n].detach().double().cpu().numpy(),
+                "median": self.median[n].detach().double().cpu().numpy(),
+                "samples": self.samples.get(n, 0),
+                "nonfinite": self.nonfinite[n].detach().cpu().numpy(),
+            }))
+        cols = ["module", "unit", "mean", "median", "samples", "nonfinite"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def _batches(probe: Tensor | Iterable[object], batch_size: int | None) -> Iterator[Tensor]:
+    if isinstance(probe, Tensor):
+        if probe.ndim == 0:
+            raise ValueError("probe must be a batch (N, ...) of inputs, got a 0-dim tensor")
+        step = probe.shape[0] if batch_size is None else batch_size
+        for start in range(0, probe.shape[0], step):
+            yield probe[start : start + step]
+        return
+    for item in probe:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                "probe batches must be tensors or (inputs, ...) tuples of tensors, "
+                f"got {type(x).__name__}"
+            )
+        yield x
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+@torch.no_grad()
+def probe_statistics(
+    model: nn.Module,
+    probe: Tensor | Iterable[object],
+    modules: ModuleSpec = None,
+    unit_dim: UnitDimSpec = None,
+    *,
+    batch_size: int | None = 4096,
+) -> ProbeStatistics:
+    """Run ``model`` in eval mode without gradients over ``probe``; return per-unit mean and median.
+
+    Args:
+        model: any module; its training flag is restored afterwards.
+        probe: a tensor of inputs (split into ``batch_size`` chunks) or an iterable of batches
+            (tensors, or tuples whose first element is the input). Inputs are moved to the model's
+            device.
+        modules, unit_dim: as for :class:`biasshift.ActivationMonitor` (default: every activation
+            module; the automatic unit-dimension rule).
+        batch_size: chunk size for a tensor probe (``None``: one chunk).
+
+    Every call of a monitored module contributes its outputs; for conv outputs every position is a
+    sample of its channel.  Activations are kept in float32 (float64 stays float64) until the end.
+    """
+    chosen = resolve_modules(model, modules)
+    rules = resolve_unit_dims(model, chosen, unit_dim)
+    store: dict[str, list[Tensor]] = {n: [] for n in chosen}
+
+    def make_hook(name: str):
+        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
+            d = unit_dim_for(name, tuple(out.shape), rules[name])
+            vals = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
+            if vals.dtype not in (torch.float32, torch.float64):
+                vals = vals.float()
+            store[name].append(vals.clone())
+
+        return hook
+
+    device = _model_device(model)
+    was_training = model.training
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
+    try:
+        model.eval()
+        for x in _batches(probe, batch_size):
+            model(x.to(device, non_blocking=True) if device is not None else x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    mean: dict[str, Tensor] = {}
+    median: dict[str, Tensor] = {}
+    nonfinite: dict[str, Tensor] = {}
+    samples: dict[str, int] = {}
+    for n, parts in store.items():
+        if not parts:
+            raise RuntimeError(
+                f"module {n!r} was never called while running the probe; is it part of the forward?"
+            )
+        widths = {p.shape[1] for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"module {n!r} produced outputs with different unit counts {widths}")
+        v = torch.cat(parts)
+        finite = torch.isfinite(v)
+        nonfinite[n] = (~finite).sum(dim=0)
+        v = torch.where(finite, v, torch.full_like(v, float("nan")))
+        mean[n] = torch.nanmean(v.double(), dim=0).to(v.dtype)
+        median[n] = exact_median(v, dim=0)
+        samples[n] = v.shape[0]
+    return ProbeStatistics(mean=mean, median=median, nonfinite=nonfinite, samples=samples)
