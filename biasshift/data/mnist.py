@@ -6,7 +6,8 @@ Search order for the four files of a dataset ``name`` (``"mnist"`` or ``"fashion
 2. ``$BIASSHIFT_DATA/<name>/``;
 3. the user cache folder ``~/.cache/biasshift/<name>/`` (``$XDG_CACHE_HOME`` honoured);
 4. a download into the cache folder from the canonical mirrors (tqdm progress bar, md5 check,
-   atomic write), unless ``download=False`` or ``$BIASSHIFT_OFFLINE`` is set.
+   atomic write), unless ``download=False`` or ``$BIASSHIFT_OFFLINE`` is set. A cache folder
+   left with only some of the files by an interrupted download is completed, not refused.
 
 Every file is checked against torchvision's md5 before it is used; a wrong md5 or a truncated file
 raises :class:`ChecksumError` naming the file. Nothing is silently skipped: a folder that holds some
@@ -16,19 +17,18 @@ but not all of the files, or a corrupt file, is an error, not a reason to look e
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
-import tempfile
-import urllib.error
-import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from biasshift._names import unknown_name_error
 from biasshift.data.base import ArrayDataset, ChecksumError, DatasetNotFoundError, cache_dir
+from biasshift.data.files import check_md5, fetch, md5sum, not_found_error, offline, search_places
 
 __all__ = ["IDX_DATASETS", "find_idx_files", "load_idx_dataset", "md5sum", "read_idx"]
 
@@ -67,15 +67,6 @@ IDX_DATASETS: dict[str, IdxSpec] = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def md5sum(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """The hex md5 of a file."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzip-compressed when its name ends in ``.gz``) into a numpy array.
 
@@ -87,7 +78,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise ChecksumError(f"{path}: cannot decompress ({err}); the file is truncated or corrupt. "
                             "Delete it and fetch it again.") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -107,100 +98,44 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _check_md5(path: Path, md5: str) -> None:
-    got = md5sum(path)
-    if got != md5:
-        raise ChecksumError(
-            f"{path}: md5 {got} does not match the canonical {md5} (torchvision's); "
-            "the file is corrupt, truncated or a different version. Delete it and fetch it again."
-        )
-
-
-def _candidates(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
-    places: list[Path] = []
-    if data_dir is not None:
-        places += [Path(data_dir), Path(data_dir) / name]
-    env = os.environ.get("BIASSHIFT_DATA")
-    if env:
-        places.append(Path(env) / name)
-    places.append(cache_dir() / name)
-    return places
-
-
-def _download(url: str, dest: Path, md5: str) -> None:
-    """Fetch ``url`` to ``dest`` atomically with a progress bar and an md5 check."""
-    from tqdm.auto import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                while block := resp.read(1 << 16):
-                    out.write(block)
-                    bar.update(len(block))
-        _check_md5(Path(tmp), md5)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fetch(mirrors: tuple[str, ...], fname: str, dest: Path, md5: str, errors: list[str]) -> bool:
-    """Download ``fname`` from the first mirror that answers; record failures in ``errors``."""
-    for mirror in mirrors:
-        try:
-            _download(mirror + fname, dest, md5)
-            return True
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            errors.append(f"{mirror}{fname}: {err}")
-    return False
-
-
 def find_idx_files(
     name: str, data_dir: str | os.PathLike[str] | None = None, download: bool | None = None
 ) -> dict[str, Path]:
     """Locate (and if needed download) the four verified files of ``name``; see the module doc.
 
-    ``download=None`` downloads unless ``$BIASSHIFT_OFFLINE`` is set.
+    ``download=None`` downloads unless ``$BIASSHIFT_OFFLINE`` is set. A cache folder left holding
+    only some of the files (an interrupted download) is completed by downloading the rest.
     """
     if name not in IDX_DATASETS:
-        raise KeyError(f"unknown IDX dataset {name!r}; choose one of {', '.join(IDX_DATASETS)}")
+        raise unknown_name_error("IDX dataset", name, IDX_DATASETS)
     spec = IDX_DATASETS[name]
     files = [f for f, _ in spec.files.values()]
-    places = _candidates(name, data_dir)
+    if download is None:
+        download = not offline()
+    places = search_places(name, data_dir)
+    cache = cache_dir() / name
     for place in places:
         present = [f for f in files if (place / f).is_file()]
         if not present:
             continue
         if len(present) < len(files):
+            if download and place == cache:
+                break  # complete an interrupted download below
             missing = sorted(set(files) - set(present))
             raise DatasetNotFoundError(
                 f"{place} holds {name} files {present} but not {missing}; add the missing files "
                 "or remove the partial copy"
             )
         for fname, md5 in spec.files.values():
-            _check_md5(place / fname, md5)
+            check_md5(place / fname, md5)
         return {role: place / fname for role, (fname, _) in spec.files.items()}
 
-    if download is None:
-        download = not os.environ.get("BIASSHIFT_OFFLINE")
     errors: list[str] = []
     if download:
-        target = cache_dir() / name
-        if all(_fetch(spec.mirrors, fname, target / fname, md5, errors)
+        if all((cache / fname).is_file() or fetch(spec.mirrors, fname, cache / fname, md5, errors)
                for fname, md5 in spec.files.values()):
-            return find_idx_files(name, data_dir=target, download=False)
-    looked = "\n".join(f"  - {p}" for p in places)
-    tried = ("\nDownload attempts failed:\n" + "\n".join(f"  - {e}" for e in errors)) if errors \
-        else ("\nDownloading was switched off." if not download else "")
-    raise DatasetNotFoundError(
-        f"{name}: could not find the four files {', '.join(files)}.\nLooked in:\n{looked}{tried}\n"
-        f"Fix: pass --data-dir DIR (or data_dir=) pointing at a folder with these files, set "
-        f"BIASSHIFT_DATA=DIR so that DIR/{name}/ holds them, or run offline on the embedded data "
-        "with --dataset digits."
-    )
+            return find_idx_files(name, data_dir=cache, download=False)
+    raise not_found_error(name, f"the four files {', '.join(files)}", places, errors, download)
 
 
 def load_idx_dataset(
@@ -212,10 +147,21 @@ def load_idx_dataset(
     """
     paths = find_idx_files(name, data_dir, download)
     arrays = {role: read_idx(p) for role, p in paths.items()}
+    num_classes = IDX_DATASETS[name].num_classes
     for split in ("train", "test"):
-        n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
-        if n_img != n_lab:
-            raise ChecksumError(f"{name}: {n_img} {split} images but {n_lab} labels")
+        img, lab = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        img_path, lab_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        if img.ndim != 3 or img.dtype != np.uint8:
+            raise ChecksumError(f"{img_path}: expected uint8 images (N, H, W), got "
+                                f"{img.dtype} {img.shape}")
+        if lab.ndim != 1:
+            raise ChecksumError(f"{lab_path}: expected a label vector (N,), got {lab.shape}")
+        if len(img) != len(lab):
+            raise ChecksumError(f"{name}: {len(img)} {split} images ({img_path}) but {len(lab)} "
+                                f"labels ({lab_path})")
+        if len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise ChecksumError(f"{lab_path}: labels outside 0..{num_classes - 1} "
+                                f"(min {int(lab.min())}, max {int(lab.max())})")
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
@@ -227,5 +173,5 @@ def load_idx_dataset(
         name=name,
         train_x=images(arrays["train_images"]), train_y=labels(arrays["train_labels"]),
         test_x=images(arrays["test_images"]), test_y=labels(arrays["test_labels"]),
-        num_classes=IDX_DATASETS[name].num_classes,
+        num_classes=num_classes,
     )
