@@ -1,0 +1,224 @@
+"""The analysis framework: presets, resolved settings, run specifications, the Analysis base.
+
+An analysis (one module in :mod:`biasshift.reproduce`, registered in
+:data:`biasshift.reproduce.ANALYSES`) declares
+
+* ``presets`` — ``"paper"`` (the default: the paper's dataset, network, epochs, seeds, learning
+  rates) and ``"quick"`` (the embedded digits, a few epochs; under two minutes on two cores);
+* how one run's model, plug-ins and optimizer are built (:meth:`Analysis.build_model`,
+  :meth:`Analysis.plugins`, :meth:`Analysis.optimizer`);
+* :meth:`Analysis.aggregate` — the tidy table of all runs (one row per run x epoch x layer x
+  quantity; see :data:`TIDY_COLUMNS`) — and :meth:`Analysis.plot`.
+
+The runs of an analysis are the product activations x learning rates x seeds
+(:meth:`Analysis.run_specs`); :mod:`biasshift.reproduce.runner` trains them (resumably, in
+parallel processes when asked) and writes ``NAME.csv``, ``NAME.png``, ``NAME.pdf`` and
+``NAME.json``.
+
+The tidy CSV columns
+    ==============  ==========================================================================
+    ``analysis``    the analysis name, e.g. ``activation-median``
+    ``run``         the run id ``<activation>-lr<lr>-seed<seed>``
+    ``dataset``     ``mnist``, ``fashion-mnist`` or ``digits``
+    ``activation``  ``elu``, ``relu``, ``lrelu`` or ``srelu``
+    ``seed``        the run's seed (0, 1, ...)
+    ``lr``          the learning rate
+    ``epoch``       0 = before training, then 1, 2, ... (per-unit summaries: the last epoch)
+    ``layer``       ``all`` for whole-net quantities, else the module name (``act3``, ``eact2``)
+    ``unit``        the unit index for per-unit quantities, empty otherwise
+    ``quantity``    ``train_loss``, ``test_loss``, ``train_acc``, ``test_acc``,
+                    ``running_loss``, ``median_of_means``, ``diverged``, and per analysis
+                    e.g. ``median_change_var``
+    ``value``       the number (NaN/inf recorded as they occurred in a diverged run)
+    ==============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from torch import nn
+
+from biasshift.monitor.selection import ModuleSpec
+from biasshift.train.plugins import Plugin
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from biasshift.data.base import ArrayDataset
+    from biasshift.train.trainer import OptimizerFactory
+
+__all__ = [
+    "DATASETS",
+    "TIDY_COLUMNS",
+    "Analysis",
+    "Preset",
+    "RunSpec",
+    "Settings",
+    "UsageError",
+]
+
+TIDY_COLUMNS = ("analysis", "run", "dataset", "activation", "seed", "lr", "epoch", "layer",
+                "unit", "quantity", "value")
+DATASETS = ("mnist", "fashion-mnist", "digits")
+
+
+class UsageError(ValueError):
+    """Bad settings or a run folder that does not fit them; the CLI prints it and exits with 2."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Default settings of an analysis; every field can be overridden from the CLI."""
+
+    dataset: str
+    epochs: int
+    seeds: int
+    activations: tuple[str, ...]
+    lrs: tuple[float, ...]
+    batch_size: int = 64
+    probe_size: int | None = 10_000
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of an analysis: everything that determines its result.
+
+    The run folder ``<work_dir>/<run>/`` keeps its ``spec.json``; a resume checks that the spec
+    is the same (except ``epochs``, which may grow).
+    """
+
+    analysis: str
+    run: str
+    dataset: str
+    activation: str
+    seed: int
+    lr: float
+    epochs: int
+    batch_size: int
+    probe_size: int | None
+    model: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def run_id(activation: str, lr: float, seed: int) -> str:
+        return f"{activation}-lr{lr:g}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Fully resolved settings of one ``biasshift reproduce NAME`` invocation."""
+
+    analysis: str
+    preset: str
+    dataset: str
+    data_dir: str | None
+    epochs: int
+    seeds: int
+    activations: tuple[str, ...]
+    lrs: tuple[float, ...]
+    batch_size: int
+    probe_size: int | None
+    model: dict[str, Any]
+    device: str
+    out: Path
+    work_dir: Path
+    resume: bool = False
+    jobs: int = 1
+    threads: int | None = None
+
+    @property
+    def quick(self) -> bool:
+        return self.preset == "quick"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"], d["work_dir"] = str(self.out), str(self.work_dir)
+        d["quick"] = self.quick
+        return d
+
+
+class Analysis:
+    """Base class of a registered analysis. Subclasses set the class attributes and ``plot``.
+
+    Attributes:
+        name: the CLI name (``biasshift reproduce NAME``), also the output file stem.
+        figure: which figure of the paper it reproduces (``"Fig. 2"``).
+        description: one line for ``biasshift list``.
+        loss: the trainer's loss (``"cross_entropy"`` or ``"reconstruction"``).
+        presets: ``{"paper": Preset, "quick": Preset}``.
+        min_epochs: the fewest epochs the analysis can summarise.
+        probe_medians: whether runs need each unit's exact probe median (costly; see
+            :class:`~biasshift.train.Trainer`).
+    """
+
+    name: str = ""
+    figure: str = ""
+    description: str = ""
+    loss: str = "cross_entropy"
+    presets: dict[str, Preset] = {}  # noqa: RUF012 (overridden per subclass)
+    min_epochs: int = 1
+    probe_medians: bool = False
+
+    # --------------------------------------------------------------- settings and runs
+    def validate(self, settings: Settings) -> None:
+        """Raise :class:`UsageError` for settings the analysis cannot use."""
+        if settings.epochs < self.min_epochs:
+            raise UsageError(f"{self.name} needs --epochs >= {self.min_epochs}, "
+                             f"got {settings.epochs}")
+
+    def run_specs(self, settings: Settings) -> list[RunSpec]:
+        """The runs: every activation x learning rate x seed (in that nesting order)."""
+        return [
+            RunSpec(
+                analysis=self.name, run=RunSpec.run_id(act, lr, seed), dataset=settings.dataset,
+                activation=act, seed=seed, lr=lr, epochs=settings.epochs,
+                batch_size=settings.batch_size, probe_size=settings.probe_size,
+                model=dict(settings.model),
+            )
+            for act in settings.activations
+            for lr in settings.lrs
+            for seed in range(settings.seeds)
+        ]
+
+    # --------------------------------------------------------------- one run
+    def build_model(self, spec: RunSpec, dataset: ArrayDataset) -> nn.Module:
+        """The run's freshly initialised model (called under the trainer's init seed)."""
+        raise NotImplementedError
+
+    def probe_modules(self, spec: RunSpec) -> ModuleSpec:
+        """Which modules the probe statistics cover (default: every activation module)."""
+        return None
+
+    def plugins(self, spec: RunSpec) -> list[Plugin]:
+        """Plug-ins of one run (fresh objects per run)."""
+        return []
+
+    def optimizer(self, spec: RunSpec) -> OptimizerFactory | None:
+        """The run's optimizer factory; ``None`` is plain SGD with ``spec.lr``."""
+        return None
+
+    # --------------------------------------------------------------- results
+    def aggregate(self, frames: Sequence[pd.DataFrame], settings: Settings) -> pd.DataFrame:
+        """The tidy table of all runs (columns :data:`TIDY_COLUMNS`, sorted by run order)."""
+        if not frames:
+            return pd.DataFrame(columns=list(TIDY_COLUMNS))
+        df = pd.concat(frames, ignore_index=True)
+        return df[list(TIDY_COLUMNS)]
+
+    def plot(self, df: pd.DataFrame, settings: Settings) -> Figure:
+        """The figure for the tidy table ``df``."""
+        raise NotImplementedError
+
+    def default_out(self, quick: bool) -> Path:
+        return Path("figures") / "quick" if quick else Path("figures")
+
+    def default_work_dir(self, quick: bool) -> Path:
+        return Path("runs") / "quick" / self.name if quick else Path("runs") / self.name

@@ -1,0 +1,143 @@
+"""Plotting helpers shared by the analyses: figures without pyplot, colours, titles, saving.
+
+Figures are :class:`matplotlib.figure.Figure` objects made without :mod:`matplotlib.pyplot`, so
+no global backend is selected or changed and nothing is shown; :func:`save_figure` writes PNG and
+PDF atomically. Each activation keeps its colour in every figure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from biasshift.io import atomic_open
+from biasshift.reproduce.base import Settings
+
+__all__ = [
+    "activation_color",
+    "activation_label",
+    "figure_title",
+    "new_figure",
+    "ordered",
+    "plot_seed_lines",
+    "save_figure",
+    "seed_band",
+]
+
+_COLORS = {"elu": "#0173b2", "relu": "#de8f05", "lrelu": "#029e73", "srelu": "#d55e00"}
+_LABELS = {"elu": "ELU", "relu": "ReLU", "lrelu": "LReLU", "srelu": "SReLU"}
+_MARKERS = ["o", "s", "^", "D", "v", "P"]
+_EXTRA = ["#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9"]
+
+
+def activation_color(name: str) -> str:
+    """The activation's colour (seaborn's colourblind palette; stable across figures)."""
+    if name in _COLORS:
+        return _COLORS[name]
+    return _EXTRA[sum(map(ord, name)) % len(_EXTRA)]
+
+
+def activation_label(name: str) -> str:
+    return _LABELS.get(name, name)
+
+
+def new_figure(ncols: int, *, width: float = 5.0, height: float = 4.0) -> tuple[Figure, list]:
+    """A constrained-layout figure with ``ncols`` axes side by side."""
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def figure_title(what: str, settings: Settings, runs: str | None = None) -> str:
+    """``what`` plus what was run: dataset, epochs, seeds, and "quick preset" when quick."""
+    seeds = f"{settings.seeds} seed" + ("s" if settings.seeds != 1 else "")
+    parts = [settings.dataset, f"{settings.epochs} epochs", seeds]
+    if runs:
+        parts.append(runs)
+    if settings.quick:
+        parts.append("quick preset")
+    return f"{what}\n(" + ", ".join(parts) + ")"
+
+
+def seed_band(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Mean, standard deviation and count over seeds of ``value`` per ``by`` + ``epoch``.
+
+    Non-finite values (a diverged run's last epoch) are left out of mean and sd and counted in
+    ``nonfinite``; ``n`` counts the finite values.
+    """
+    keys = [*by, "epoch"]
+    d = df.assign(finite=np.isfinite(df["value"].to_numpy(dtype=float)))
+    fin = d[d["finite"]]
+    g = fin.groupby(keys, sort=True)["value"]
+    out = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0), "n": g.size()})
+    nonfinite = d[~d["finite"]].groupby(keys).size().rename("nonfinite")
+    out = out.join(nonfinite, how="outer").fillna({"nonfinite": 0, "n": 0})
+    return out.reset_index()
+
+
+def ordered(values: Sequence[str] | pd.Series, preferred: Sequence[str]) -> list[str]:
+    """The distinct ``values``: those in ``preferred`` in its order, then the rest sorted."""
+    present = list(dict.fromkeys(values))
+    return [v for v in preferred if v in present] + sorted(v for v in present
+                                                           if v not in preferred)
+
+
+def plot_seed_lines(ax: Axes, sel: pd.DataFrame, df: pd.DataFrame, settings: Settings, *,
+                    band: bool = True, linestyle: str = "-", label: bool = True) -> None:
+    """One line per (activation, lr) of ``sel``'s ``value`` over epochs, mean over seeds.
+
+    ``band`` adds mean +- sd over seeds; several learning rates get one marker each. Runs that
+    diverged (``quantity == "diverged"`` in ``df``) are counted in the label ("2/5 diverged")
+    and marked with an x at the epoch where they stopped; their non-finite values are left out
+    of the mean (see :func:`seed_band`).
+    """
+    if sel.empty:
+        return
+    multi_lr = sel["lr"].nunique() > 1
+    stats = seed_band(sel, ["activation", "lr"])
+    div = df[df["quantity"] == "diverged"]
+    all_lrs = sorted(sel["lr"].unique(), reverse=True)
+    for act in ordered(sel["activation"], settings.activations):
+        for lr in sorted(sel.loc[sel["activation"] == act, "lr"].unique(), reverse=True):
+            marker = _MARKERS[all_lrs.index(lr) % len(_MARKERS)] if multi_lr else None
+            s = stats[(stats["activation"] == act) & (stats["lr"] == lr) & (stats["n"] > 0)]
+            color = activation_color(act)
+            text = activation_label(act) + (f", lr {lr:g}" if multi_lr else "")
+            runs = sel.loc[(sel["activation"] == act) & (sel["lr"] == lr), "run"].nunique()
+            stops = div.loc[(div["activation"] == act) & (div["lr"] == lr), "epoch"]
+            if len(stops):
+                text += f" ({len(stops)}/{runs} diverged)"
+            if s.empty:  # nothing finite to draw: keep the legend entry
+                ax.plot([], [], color=color, linestyle=linestyle, marker=marker,
+                        label=text if label else None)
+                continue
+            ep, mean, sd = (s[c].to_numpy(dtype=float) for c in ("epoch", "mean", "sd"))
+            ax.plot(ep, mean, color=color, linestyle=linestyle, lw=1.4, marker=marker,
+                    ms=4, markevery=max(1, len(ep) // 12), label=text if label else None)
+            if band and (s["n"] > 1).any():
+                ax.fill_between(ep, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            for e in stops:
+                before = ep <= e
+                if before.any():
+                    ax.plot(ep[before][-1], mean[before][-1], marker="x", color=color, ms=8,
+                            mew=2, linestyle="none")
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike[str],
+                formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` atomically; returns the paths."""
+    paths = []
+    for fmt in formats:
+        path = Path(f"{stem}.{fmt}")
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi)
+        paths.append(path)
+    return paths

@@ -1,0 +1,27 @@
+"""Training as in the ELU paper: plain SGD with plug-ins, per-epoch evaluation, exact resume.
+
+* :class:`Trainer` — mini-batch SGD (lr 0.01, batch 64 by default), per-epoch losses, accuracies
+  and probe statistics in a tidy history, atomic per-epoch checkpoints, bit-identical resume;
+* :class:`Plugin` — the callback protocol (no-op base class); :class:`MonitorPlugin` keeps a
+  :class:`biasshift.ActivationMonitor` attached for a whole fit;
+* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, ``weights_only`` checkpoints.
+"""
+
+from __future__ import annotations
+
+from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from biasshift.train.plugins import MonitorLike, MonitorPlugin, Plugin
+from biasshift.train.trainer import HISTORY_COLUMNS, LOSSES, Trainer, derive_seed
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "LOSSES",
+    "CheckpointError",
+    "MonitorLike",
+    "MonitorPlugin",
+    "Plugin",
+    "Trainer",
+    "derive_seed",
+    "load_checkpoint",
+    "save_checkpoint",
+]

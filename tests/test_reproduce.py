@@ -1,0 +1,295 @@
+"""The reproduce framework: registry and presets, settings, run folders (reuse, resume,
+mismatch), the median-change variance against brute force, aggregation and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biasshift.data import load_dataset
+from biasshift.models import paper_mlp
+from biasshift.reproduce import (
+    ANALYSES,
+    TIDY_COLUMNS,
+    RunSpec,
+    UsageError,
+    get_analysis,
+    resolve_settings,
+    run_analysis,
+    run_one,
+)
+from biasshift.reproduce.median_variance import MedianChangeVariance
+from biasshift.reproduce.plotting import save_figure, seed_band
+from biasshift.train import Plugin, Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread (2 OpenMP threads on a busy 2-core box: ~50x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------ registry
+def test_registry_holds_the_three_analyses_with_the_papers_presets() -> None:
+    assert list(ANALYSES) == ["activation-median", "median-variance", "autoencoder"]
+    am = ANALYSES["activation-median"].presets["paper"]
+    assert (am.dataset, am.epochs, am.seeds, am.lrs, am.batch_size, am.probe_size) == (
+        "mnist", 300, 5, (0.01,), 64, 10_000)
+    assert am.activations == ("elu", "relu", "lrelu", "srelu")
+    assert am.model == {"depth": 8, "width": 128}
+    mv = ANALYSES["median-variance"].presets["paper"]
+    assert (mv.dataset, mv.epochs, mv.lrs, mv.probe_size, mv.model) == (
+        "mnist", 200, (0.01,), None, {"depth": 5, "width": 256})
+    assert set(mv.activations) == {"relu", "elu"}
+    ae = ANALYSES["autoencoder"].presets["paper"]
+    assert (ae.dataset, ae.epochs, ae.batch_size, ae.lrs) == (
+        "mnist", 500, 64, (1e-2, 1e-3, 1e-4, 1e-5))
+    assert list(ae.model["encoder"]) == [1000, 500, 250, 30]
+    assert ANALYSES["autoencoder"].loss == "reconstruction"
+    for a in ANALYSES.values():
+        assert a.presets["quick"].dataset == "digits"
+        assert a.description and a.figure
+
+
+def test_unknown_analysis_lists_close_names() -> None:
+    with pytest.raises(UsageError, match="did you mean 'activation-median'"):
+        get_analysis("activation-medain")
+    assert get_analysis("median_variance").name == "median-variance"
+
+
+# ------------------------------------------------------------------------------------ settings
+def test_settings_defaults_for_paper_and_quick() -> None:
+    paper = resolve_settings("activation-median")
+    assert (paper.preset, paper.dataset, paper.epochs, paper.seeds) == ("paper", "mnist", 300, 5)
+    assert paper.out == Path("figures") and paper.work_dir == Path("runs/activation-median")
+    assert paper.threads == 1 and paper.jobs == 1 and not paper.quick
+    quick = resolve_settings("autoencoder", quick=True)
+    assert quick.quick and quick.dataset == "digits"
+    assert quick.out == Path("figures/quick")
+    assert quick.work_dir == Path("runs/quick/autoencoder")
+    s = resolve_settings("autoencoder", quick=True, epochs=3, seeds=2, activations=["ELU"],
+                         lrs=["1e-3"], probe_size="all", batch_size=16, out="o", work_dir="w")
+    assert (s.epochs, s.seeds, s.activations, s.lrs, s.probe_size, s.batch_size) == (
+        3, 2, ("elu",), (1e-3,), None, 16)
+    assert resolve_settings("autoencoder", probe_size="12").probe_size == 12
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"activations": ["elu", "tanhh"]}, r"unknown activation 'tanhh'.*'elu', 'relu'"),
+    ({"activations": ["elu", "elu"]}, "more than once"),
+    ({"dataset": "mnsit"}, "did you mean 'mnist'"),
+    ({"lrs": ["0"]}, "positive and finite"),
+    ({"lrs": ["fast"]}, "not a number"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"seeds": -1}, "seeds must be a positive integer"),
+    ({"probe_size": "-3"}, "probe size must be >= 0"),
+    ({"probe_size": "many"}, "integer or 'all'"),
+    ({"device": "tpu"}, "device"),
+    ({"jobs": 0}, "jobs"),
+])
+def test_bad_settings_raise_usage_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        resolve_settings("activation-median", quick=True, **kw)
+
+
+def test_analysis_specific_checks() -> None:
+    with pytest.raises(UsageError, match="--epochs >= 3"):
+        resolve_settings("median-variance", quick=True, epochs=2)
+    with pytest.raises(UsageError, match="probe"):
+        resolve_settings("median-variance", quick=True, probe_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_settings("activation-median", device="cuda")
+
+
+def test_run_specs_are_activations_x_lrs_x_seeds() -> None:
+    s = resolve_settings("autoencoder", quick=True, seeds=2, activations=["elu", "relu"],
+                         lrs=["1e-2", "1e-3", "1e-4"])
+    specs = ANALYSES["autoencoder"].run_specs(s)
+    assert len(specs) == 12
+    assert len({sp.run for sp in specs}) == 12
+    assert specs[0].run == "elu-lr0.01-seed0" and specs[-1].run == "relu-lr0.0001-seed1"
+    assert all(sp.epochs == s.epochs and sp.dataset == "digits" for sp in specs)
+
+
+# ------------------------------------------------------------------------------------ median change
+class MedianTape(Plugin):
+    def __init__(self) -> None:
+        self.medians: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        self.medians.append({n: m.clone() for n, m in trainer.last_probe.median.items()})
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    return load_dataset("digits").subset(160, 40)
+
+
+def _mv_trainer(ds, epochs: int, ckpt=None) -> tuple[Trainer, MedianChangeVariance, MedianTape]:
+    mcv, tape = MedianChangeVariance(), MedianTape()
+    t = Trainer(lambda: paper_mlp("relu", depth=3, width=16, in_features=64), ds, epochs=epochs,
+                batch_size=32, probe_size=None, probe_medians=True, plugins=[mcv, tape],
+                checkpoint_dir=ckpt)
+    return t, mcv, tape
+
+
+def test_median_change_variance_matches_numpy(digits_small) -> None:
+    t, _, tape = _mv_trainer(digits_small, epochs=6)
+    h = t.fit()
+    rows = h[h["quantity"] == "median_change_var"]
+    assert sorted(rows["layer"].unique()) == ["act1", "act2", "act3"]
+    assert (rows["epoch"] == 6).all()
+    # independent medians: numpy on the whole training set after the last epoch
+    acts: dict[str, np.ndarray] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o.numpy()))
+             for n, m in t.model.named_modules() if n.startswith("act")]
+    t.model.eval()
+    with torch.no_grad():
+        t.model(digits_small.train_x)
+    for hk in hooks:
+        hk.remove()
+    for n, a in acts.items():
+        np.testing.assert_allclose(tape.medians[-1][n].numpy(), np.median(a, axis=0),
+                                   rtol=1e-6, atol=1e-7)
+        series = np.stack([m[n].double().numpy() for m in tape.medians])  # epochs 1..6
+        want = np.var(np.diff(series, axis=0), axis=0, ddof=1)
+        got = rows[rows["layer"] == n].sort_values("unit")
+        assert got["unit"].tolist() == list(range(16))
+        np.testing.assert_allclose(got["value"].to_numpy(), want, rtol=1e-10, atol=1e-15)
+
+
+def test_median_change_variance_resumes_exactly(digits_small, tmp_path) -> None:
+    full = _mv_trainer(digits_small, epochs=5)[0].fit()
+    _mv_trainer(digits_small, epochs=3, ckpt=tmp_path)[0].fit()
+    resumed = _mv_trainer(digits_small, epochs=5, ckpt=tmp_path)[0].fit(resume=True)
+    pd.testing.assert_frame_equal(full, resumed, check_exact=True)
+
+
+def test_median_change_variance_needs_probe_medians(digits_small) -> None:
+    t = Trainer(lambda: paper_mlp("relu", depth=2, width=8, in_features=64), digits_small,
+                epochs=1, plugins=[MedianChangeVariance()])
+    with pytest.raises(RuntimeError, match="probe_medians=True"):
+        t.fit()
+
+
+def test_too_few_changes_give_nan_rows_not_missing_rows(digits_small) -> None:
+    t, _, _ = _mv_trainer(digits_small, epochs=2)
+    rows = t.fit().query("quantity == 'median_change_var'")
+    assert len(rows) == 48 and rows["value"].isna().all()
+
+
+# ------------------------------------------------------------------------------------ run folders
+def _spec(epochs: int = 2, **kw: Any) -> RunSpec:
+    base = {"analysis": "activation-median", "run": "elu-lr0.01-seed0", "dataset": "digits",
+            "activation": "elu", "seed": 0, "lr": 0.01, "epochs": epochs, "batch_size": 128,
+            "probe_size": 200, "model": {"depth": 2, "width": 16}}
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def test_run_one_reuses_resumes_extends_and_refuses(tmp_path) -> None:
+    calls: list[tuple[str, int]] = []
+    first = run_one(_spec(2), work_dir=tmp_path, progress=lambda r, e: calls.append((r, e)))
+    assert not first.reused and first.status == "finished" and first.epochs_done == 2
+    assert calls[0] == ("elu-lr0.01-seed0", 0) and calls[-1] == ("elu-lr0.01-seed0", 2)
+    run_dir = tmp_path / "elu-lr0.01-seed0"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint.pt", "done.json", "history.csv", "spec.json"]
+    assert list(first.frame.columns) == list(TIDY_COLUMNS)
+
+    again = run_one(_spec(2), work_dir=tmp_path, resume=True)
+    assert again.reused
+    pd.testing.assert_frame_equal(first.frame, again.frame, check_exact=True)
+
+    longer = run_one(_spec(3), work_dir=tmp_path, resume=True)
+    assert not longer.reused and longer.resumed_from == 2 and longer.epochs_done == 3
+    fresh = run_one(_spec(3), work_dir=tmp_path / "fresh")
+    pd.testing.assert_frame_equal(longer.frame, fresh.frame, check_exact=True)
+
+    with pytest.raises(UsageError, match="completed with 3 epochs"):
+        run_one(_spec(2), work_dir=tmp_path, resume=True)
+    with pytest.raises(UsageError, match=r"holds a different run .*lr"):
+        run_one(_spec(3, lr=0.02), work_dir=tmp_path, resume=True)
+    # without resume the folder is replaced
+    redo = run_one(_spec(2, lr=0.02), work_dir=tmp_path)
+    assert not redo.reused and json.loads((run_dir / "spec.json").read_text())["lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_table(tmp_path) -> None:
+    kw = {"quick": True, "epochs": 2, "seeds": 1, "activations": ["elu", "srelu"]}
+    one = run_analysis(resolve_settings("activation-median", out=tmp_path / "o1",
+                                        work_dir=tmp_path / "w1", **kw), progress=False)
+    two = run_analysis(resolve_settings("activation-median", out=tmp_path / "o2",
+                                        work_dir=tmp_path / "w2", jobs=2, **kw), progress=False)
+    pd.testing.assert_frame_equal(one.frame, two.frame, check_exact=True)
+    record = json.loads((tmp_path / "o2" / "activation-median.json").read_text())
+    assert record["settings"]["jobs"] == 2 and record["n_runs"] == 2
+
+
+# ------------------------------------------------------------------------------------ plots
+def _frame(analysis: str, *, diverge: str | None = None, lrs=(0.01,)) -> pd.DataFrame:
+    rows = []
+    for act in ("elu", "relu"):
+        for lr in lrs:
+            for seed in (0, 1):
+                run = RunSpec.run_id(act, lr, seed)
+                for e in range(0, 4):
+                    v = 1.0 / (e + 1) + 0.1 * seed
+                    if diverge == run and e == 3:
+                        v = float("nan")
+                    for q in ("train_loss", "test_loss", "median_of_means"):
+                        rows.append((analysis, run, "digits", act, seed, lr, e, "all", pd.NA,
+                                     q, v))
+                    if diverge == run and e == 3:
+                        rows.append((analysis, run, "digits", act, seed, lr, e, "all", pd.NA,
+                                     "diverged", 1.0))
+                for layer in ("act1", "act2"):
+                    for u in range(5):
+                        rows.append((analysis, run, "digits", act, seed, lr, 3, layer, u,
+                                     "median_change_var", 0.0 if u == 0 else 10.0 ** -u))
+    df = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+    df["unit"] = df["unit"].astype("Int64")
+    return df
+
+
+@pytest.mark.parametrize("name", list(ANALYSES))
+@pytest.mark.parametrize("quick", [True, False])
+def test_plots_state_what_was_run(name: str, quick: bool, tmp_path) -> None:
+    analysis = get_analysis(name)
+    lrs = (0.01, 0.001) if name == "autoencoder" else (0.01,)
+    s = resolve_settings(name, quick=quick, epochs=3, seeds=2, activations=["elu", "relu"],
+                         lrs=lrs, dataset="digits")
+    fig = analysis.plot(_frame(name, diverge="relu-lr0.01-seed1", lrs=lrs), s)
+    title = fig._suptitle.get_text()
+    assert ("quick preset" in title) == quick
+    assert "digits" in title and "3 epochs" in title and "2 seeds" in title
+    n_axes = {"activation-median": 2, "median-variance": 1, "autoencoder": 2}[name]
+    assert len(fig.axes) == n_axes
+    if name != "median-variance":
+        labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+        assert "ReLU (1/2 diverged)" in labels and "ELU" in labels
+    else:
+        assert fig.axes[0].get_yscale() == "symlog"  # zero variances stay visible
+    paths = save_figure(fig, tmp_path / name)
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_seed_band_leaves_non_finite_values_out() -> None:
+    df = pd.DataFrame({"activation": ["elu"] * 3, "epoch": [1, 1, 1],
+                       "value": [1.0, 3.0, float("inf")]})
+    band = seed_band(df, ["activation"]).iloc[0]
+    assert (band["mean"], band["sd"], band["n"], band["nonfinite"]) == (
+        2.0, pytest.approx(np.sqrt(2.0)), 2, 1)
