@@ -1,0 +1,593 @@
+r"""The unit natural gradient and the bias shift: Section 2 of the ELU paper as batched formulas.
+
+Clevert, Unterthiner & Hochreiter, "Fast and Accurate Deep Network Learning by Exponential Linear
+Units (ELUs)", ICLR 2016, Section 2 and the appendix, with the bias at index 0.
+
+Notation
+    Unit ``i`` of a layer has net input ``net = wᵀa + w₀`` (bias unit ``a₀ = 1``) and
+    ``δ = ∂ ln p(y|x; w) / ∂net``, so ``∂ ln p / ∂w_j = δ a_j``.  With ``ã = (1, a)`` the *unit
+    Fisher* is ``F = E_p(δ² ã ãᵀ)``.  Reweighting the samples by ``q(z) = δ²(z) p(z) / E_p(δ²)``::
+
+        F = E_p(δ²) E_q(ã ãᵀ) = [[c, bᵀ], [b, A]],
+        c = E_p(δ²),  b = E_p(δ²) E_q(a),  A = E_p(δ²) E_q(a aᵀ),
+        E_q(a) = E_p(a) + E_p(δ²)⁻¹ Cov_p(δ², a).
+
+    Theorem 1 (unit natural gradient ``F⁻¹(g₀, g)`` in block form)::
+
+        s   = (c − bᵀA⁻¹b)⁻¹ = E_p(δ²)⁻¹ (1 + E_q(a)ᵀ Var_q(a)⁻¹ E_q(a)),
+        Δw₀ = s (g₀ − bᵀA⁻¹g),
+        Δw  = A⁻¹g − Δw₀ A⁻¹b.
+
+    The bias shift of an update ``(Δw₀, Δw)`` is the change of the unit's mean net input,
+    ``Δw₀ + E_p(a)ᵀΔw``.  Without the correction (``b = 0``, ``s = c⁻¹``) the natural gradient's
+    bias shift would be ``E_p(a)ᵀA⁻¹g + c⁻¹g₀``.  Theorem 2: under the unit natural gradient it is::
+
+        (E_p(a) − k E_q(a))ᵀ A⁻¹ g + k c⁻¹ g₀,
+        k = 1 + (E_q(a) − E_p(a))ᵀ Var_q(a)⁻¹ E_q(a)
+          = 1 + E_p(δ²)⁻¹ Cov_p(δ², a)ᵀ Var_q(a)⁻¹ E_q(a).
+
+    Appendix: the block inverse of ``F``; Sherman–Morrison gives
+    ``E(a)ᵀE(aaᵀ)⁻¹E(a) = 1 − 1/(1 + E(a)ᵀVar(a)⁻¹E(a))``; the mixed form
+    ``(1 − E_pᵀE_q(aaᵀ)⁻¹E_q)(1 − E_qᵀE_q(aaᵀ)⁻¹E_q)⁻¹ = k``.
+
+Conventions (all functions)
+    * Every tensor has a leading *unit* dimension: ``F`` is ``(units, n+1, n+1)`` with index 0 the
+      bias, ``grad`` is ``(units, n+1) = (g₀, g)``, activation moments are ``(units, n)``,
+      ``E_p(δ²)`` is ``(units,)``.  Sample-based functions take ``a`` as ``(M, n)`` (shared by all
+      units) or ``(units, M, n)`` and ``delta2 = δ²`` as ``(units, M)``; samples are equally
+      weighted under ``p``.
+    * ``grad`` is the gradient of the quantity being **minimised** (e.g. the mean negative
+      log-likelihood).  Functions return the natural-gradient *direction* ``F⁻¹(g₀, g)`` and bias
+      shifts of directions; an optimiser's step is ``−lr`` times the direction, and its bias
+      shift is ``−lr`` times the value returned here.
+    * ``damping = λ ≥ 0`` replaces ``F`` by ``F + λI``; the bias entry is damped too
+      (``c → c + λ``, ``A → A + λI``, ``b`` unchanged).  Theorems 1 and 2 then hold exactly for the
+      damped matrix, with ``E_q(a)`` read as ``b / (c + λ)`` and ``k = s (c + λ)(1 − E_p(a)ᵀA⁻¹b)``
+      (which equals the paper's ``k`` when ``λ = 0``).
+    * Solves use a Cholesky factorisation.  A Fisher block that is not numerically positive
+      definite (a Cholesky pivot below ``n·eps`` of its diagonal entry, Jacobi-scaled) raises
+      :class:`SingularFisherError`, which gives the smallest eigenvalue and suggests ``damping``.
+      Checking costs one host synchronisation per call (this module is not per-step code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Cov_p",
+    "E_q",
+    "E_q_from_Cov",
+    "E_q_outer",
+    "FisherBlocks",
+    "SingularFisherError",
+    "Theorem2",
+    "UnitQuantities",
+    "Var_q",
+    "bias_shift",
+    "bias_shift_natural",
+    "bias_shift_uncorrected",
+    "block_inverse",
+    "cholesky_solver",
+    "condition_number",
+    "fisher_blocks",
+    "fisher_from_moments",
+    "k_from_Cov",
+    "k_from_fisher",
+    "k_from_moments",
+    "k_mixed",
+    "moments_from_fisher",
+    "natural_gradient",
+    "natural_gradient_correction",
+    "quadratic_form_second_moment",
+    "quadratic_form_sherman_morrison",
+    "s_from_fisher",
+    "s_from_moments",
+    "split_fisher",
+    "theorem2",
+    "uncorrected_update",
+    "unit_quantities",
+]
+
+
+class SingularFisherError(torch.linalg.LinAlgError, ValueError):
+    """A unit Fisher block is singular (not numerically positive definite) and no damping helps.
+
+    Attributes:
+        units: indices (within the batch of blocks, or within the layer) of the singular blocks.
+        smallest_eigenvalue: the smallest eigenvalue among those blocks (after damping).
+        layer: the layer name when raised by :class:`biasshift.UnitFisher`, else ``None``.
+    """
+
+    def __init__(self, message: str, *, units: Sequence[int] = (),
+                 smallest_eigenvalue: float = float("nan"), layer: str | None = None) -> None:
+        super().__init__(message)
+        self.units = list(units)
+        self.smallest_eigenvalue = smallest_eigenvalue
+        self.layer = layer
+
+
+# --------------------------------------------------------------------------------------------
+# Moments from samples
+# --------------------------------------------------------------------------------------------
+
+def _weights(delta2: Tensor) -> Tensor:
+    if delta2.ndim != 2:
+        raise ValueError(f"delta2 must be (units, M), got shape {tuple(delta2.shape)}")
+    return delta2
+
+
+def _shared_or_batched(a: Tensor, units: int, m: int) -> Tensor:
+    if a.ndim == 2 and a.shape[0] == m:
+        return a
+    if a.ndim == 3 and a.shape[0] == units and a.shape[1] == m:
+        return a
+    raise ValueError(
+        f"a must be (M, n) shared by all units or (units, M, n); got shape {tuple(a.shape)} with "
+        f"delta2 of shape ({units}, {m})"
+    )
+
+
+def E_q(a: Tensor, delta2: Tensor) -> Tensor:
+    r"""``E_q(a) = E_p(δ² a) / E_p(δ²)``: the incoming mean under ``q(z) = δ² p(z) / E_p(δ²)``.
+
+    Args:
+        a: incoming activations ``(M, n)`` (shared) or ``(units, M, n)``.
+        delta2: ``δ²`` per unit and sample, ``(units, M)``.
+    Returns:
+        ``(units, n)``.
+    """
+    w = _weights(delta2)
+    a = _shared_or_batched(a, *w.shape)
+    return torch.matmul(w.unsqueeze(-2), a).squeeze(-2) / w.sum(-1, keepdim=True)
+
+
+def E_q_outer(a: Tensor, delta2: Tensor) -> Tensor:
+    r"""``E_q(a aᵀ) = E_p(δ² a aᵀ) / E_p(δ²)``, shape ``(units, n, n)``."""
+    w = _weights(delta2)
+    a = _shared_or_batched(a, *w.shape)
+    wa = w.unsqueeze(-1) * a
+    return torch.matmul(a.mT, wa) / w.sum(-1)[:, None, None]
+
+
+def Var_q(a: Tensor, delta2: Tensor) -> Tensor:
+    r"""``Var_q(a) = E_q(a aᵀ) − E_q(a) E_q(a)ᵀ``, shape ``(units, n, n)``."""
+    m = E_q(a, delta2)
+    return E_q_outer(a, delta2) - m.unsqueeze(-1) * m.unsqueeze(-2)
+
+
+def Cov_p(delta2: Tensor, a: Tensor) -> Tensor:
+    r"""``Cov_p(δ², a) = E_p(δ² a) − E_p(δ²) E_p(a)``, shape ``(units, n)``."""
+    w = _weights(delta2)
+    a = _shared_or_batched(a, *w.shape)
+    m = w.shape[1]
+    e_wa = torch.matmul(w.unsqueeze(-2), a).squeeze(-2) / m
+    e_a = a.mean(-2)
+    return e_wa - w.mean(-1, keepdim=True) * e_a
+
+
+def E_q_from_Cov(E_p_a: Tensor, E_p_delta2: Tensor, cov: Tensor) -> Tensor:
+    r"""Section 2: ``E_q(a) = E_p(a) + E_p(δ²)⁻¹ Cov_p(δ², a)``."""
+    return E_p_a + cov / E_p_delta2.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks of F
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FisherBlocks:
+    """``F = [[c, bᵀ], [b, A]]`` for a batch of units: ``c (units,)``, ``b (units, n)``,
+    ``A (units, n, n)``."""
+
+    c: Tensor
+    b: Tensor
+    A: Tensor
+
+
+def fisher_blocks(E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> FisherBlocks:
+    r"""``c = E_p(δ²)``, ``b = E_p(δ²) E_q(a)``, ``A = E_p(δ²) E_q(a aᵀ)`` (Section 2)."""
+    return FisherBlocks(
+        c=E_p_delta2, b=E_p_delta2.unsqueeze(-1) * E_q_a, A=E_p_delta2[:, None, None] * E_q_aa
+    )
+
+
+def fisher_from_moments(E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> Tensor:
+    r"""Assemble ``F = E_p(δ²) E_q(ã ãᵀ) = [[c, bᵀ], [b, A]]``, shape ``(units, n+1, n+1)``."""
+    blk = fisher_blocks(E_p_delta2, E_q_a, E_q_aa)
+    units, n = blk.b.shape
+    F = blk.A.new_empty(units, n + 1, n + 1)
+    F[:, 0, 0] = blk.c
+    F[:, 0, 1:] = blk.b
+    F[:, 1:, 0] = blk.b
+    F[:, 1:, 1:] = blk.A
+    return F
+
+
+def _check_fisher(F: Tensor) -> None:
+    if F.ndim != 3 or F.shape[-1] != F.shape[-2] or F.shape[-1] < 2:
+        raise ValueError(
+            "F must be a batch of unit Fisher blocks (units, n+1, n+1) with the bias at index 0, "
+            f"got shape {tuple(F.shape)}"
+        )
+
+
+def split_fisher(F: Tensor, damping: float = 0.0) -> FisherBlocks:
+    """Split ``F + λI`` into ``c + λ``, ``b`` and ``A + λI`` (index 0 is the bias)."""
+    _check_fisher(F)
+    _check_damping(damping)
+    c = F[:, 0, 0]
+    b = F[:, 1:, 0]
+    A = F[:, 1:, 1:]
+    if damping:
+        c = c + damping
+        A = A + damping * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return FisherBlocks(c=c, b=b, A=A)
+
+
+def moments_from_fisher(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Invert :func:`fisher_from_moments`: ``(E_p(δ²), E_q(a), E_q(a aᵀ)) = (c, b/c, A/c)``."""
+    blk = split_fisher(F)
+    return blk.c, blk.b / blk.c.unsqueeze(-1), blk.A / blk.c[:, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Solves
+# --------------------------------------------------------------------------------------------
+
+def _check_damping(damping: float) -> None:
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
+        raise ValueError(f"damping must be a float >= 0 (F + damping*I), got {damping!r}")
+
+
+class _Solver:
+    """Applies ``(A + λI)⁻¹`` to ``(units, n, r)`` right-hand sides; ``bad`` flags singular
+    units."""
+
+    bad: Tensor
+
+    def __call__(self, rhs: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Cholesky(_Solver):
+    def __init__(self, A: Tensor) -> None:
+        L, info = torch.linalg.cholesky_ex(A)
+        n = A.shape[-1]
+        tol = n * torch.finfo(A.dtype).eps
+        piv = L.diagonal(dim1=-2, dim2=-1).square()
+        scaled = piv / A.diagonal(dim1=-2, dim2=-1)
+        # ``~(x > tol)`` also flags NaN (e.g. a zero diagonal entry).
+        self.bad = (info != 0) | ~(scaled.amin(-1) > tol)
+        self.L = L
+
+    def __call__(self, rhs: Tensor) -> Tensor:
+        return torch.cholesky_solve(rhs, self.L)
+
+
+def cholesky_solver(A: Tensor) -> _Solver:
+    """A solver for the SPD batch ``A (units, n, n)``: ``solver(rhs)`` gives ``A⁻¹ rhs``.
+
+    ``solver.bad`` (a bool tensor, no host sync) marks units whose ``A`` is not numerically
+    positive definite: a failed factorisation, or a Cholesky pivot below ``n·eps`` of its diagonal
+    entry (Jacobi-scaled, so the test does not depend on the units of the inputs).
+    """
+    return _Cholesky(A)
+
+
+def _raise_singular(F: Tensor, bad: Tensor, damping: float, *, layer: str | None = None,
+                    unit_offset: int = 0, what: str = "F") -> None:
+    """Raise :class:`SingularFisherError` for the flagged blocks of ``F`` (already damped)."""
+    idx = torch.nonzero(bad).flatten()
+    sub = F[idx].to(torch.float64)
+    eig = torch.linalg.eigvalsh(sub)
+    lam_min = float(eig[:, 0].min())
+    lam_max = float(eig[:, -1].max())
+    units = [int(i) + unit_offset for i in idx.tolist()]
+    shown = ", ".join(str(u) for u in units[:10]) + (" ..." if len(units) > 10 else "")
+    scale = float(sub.diagonal(dim1=-2, dim2=-1).mean())
+    hint = max(scale, 1e-30) * 1e-4
+    where = f"layer {layer!r}: " if layer else ""
+    raise SingularFisherError(
+        f"{where}the unit Fisher block {what} of {len(units)} unit(s) (unit {shown}) is singular "
+        f"(not numerically positive definite): smallest eigenvalue {lam_min:.3e}, largest "
+        f"{lam_max:.3e}, damping {damping:g}. Pass damping > 0 (F + damping*I), e.g. "
+        f"damping={hint:.1e} (1e-4 of the mean diagonal entry), or accumulate more samples than "
+        "the block has rows.",
+        units=units, smallest_eigenvalue=lam_min, layer=layer,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel: Theorem 1 and 2 quantities from (c, b, A⁻¹)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnitQuantities:
+    """Theorem 1 and 2 quantities of a batch of units (all ``(units,)`` unless stated).
+
+    ``natural`` is ``F⁻¹(g₀, g)`` ``(units, n+1)``; ``uncorrected`` is ``(c⁻¹g₀, A⁻¹g)``
+    ``(units, n+1)``; ``s``, ``k`` as in the theorems; ``E_q_a = b / c`` ``(units, n)``;
+    ``bias_shift_sgd = g₀ + E_p(a)ᵀg``; ``bias_shift_uncorrected = E_p(a)ᵀA⁻¹g + c⁻¹g₀``;
+    ``bias_shift_natural = Δw₀ + E_p(a)ᵀΔw``; Theorem 2's ``mean_term = (E_p(a) − k E_q(a))ᵀ
+    A⁻¹g`` and ``bias_term = k c⁻¹ g₀`` (their sum equals ``bias_shift_natural``);
+    ``cosine`` = cos(grad, natural); ``bad`` flags singular blocks (bool, not yet checked).
+    Quantities that need ``E_p(a)`` are ``None`` when it was not given.
+    """
+
+    natural: Tensor
+    uncorrected: Tensor
+    s: Tensor
+    E_q_a: Tensor
+    cosine: Tensor
+    bad: Tensor
+    k: Tensor | None = None
+    bias_shift_sgd: Tensor | None = None
+    bias_shift_uncorrected: Tensor | None = None
+    bias_shift_natural: Tensor | None = None
+    mean_term: Tensor | None = None
+    bias_term: Tensor | None = None
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(-1)
+
+
+def unit_quantities(c: Tensor, b: Tensor, solve_A: Callable[[Tensor], Tensor], grad: Tensor,
+                    E_p_a: Tensor | None = None, bad: Tensor | None = None) -> UnitQuantities:
+    r"""Theorem 1 and 2 for a batch of units from ``c``, ``b`` and a solver for ``A``.
+
+    This is the shared kernel of every "from F" function here and of
+    :class:`biasshift.UnitFisher` (which passes a Cholesky or a Woodbury solver).  Damping, if
+    any, is already in ``c`` and ``solve_A``.  One batched solve with two right-hand sides
+    ``A⁻¹[g, b]`` gives::
+
+        s = (c − bᵀA⁻¹b)⁻¹,   Δw₀ = s (g₀ − bᵀA⁻¹g),   Δw = A⁻¹g − Δw₀ A⁻¹b,
+        k = s c (1 − E_p(a)ᵀA⁻¹b),  mean_term = (E_p(a) − k b/c)ᵀA⁻¹g,  bias_term = k c⁻¹ g₀.
+
+    No host synchronisation: singular blocks are flagged in the result's ``bad`` (the solver's
+    flags or a Schur complement ``c − bᵀA⁻¹b`` that is not above ``n·eps·c``).
+    """
+    g0, g = grad[:, 0], grad[:, 1:]
+    Y = solve_A(torch.stack([g, b], dim=-1))
+    y_g, y_b = Y[..., 0], Y[..., 1]
+    schur = c - _dot(b, y_b)
+    n = b.shape[-1] + 1
+    tol = n * torch.finfo(c.dtype).eps
+    schur_bad = ~(schur > tol * c)
+    bad = schur_bad if bad is None else (bad | schur_bad)
+    s = 1.0 / schur
+    dw0 = s * (g0 - _dot(b, y_g))
+    dw = y_g - dw0.unsqueeze(-1) * y_b
+    natural = torch.cat([dw0.unsqueeze(-1), dw], dim=-1)
+    uncorrected = torch.cat([(g0 / c).unsqueeze(-1), y_g], dim=-1)
+    E_q_a = b / c.unsqueeze(-1)
+    cosine = _dot(grad, natural) / (grad.norm(dim=-1) * natural.norm(dim=-1))
+    out = dict(natural=natural, uncorrected=uncorrected, s=s, E_q_a=E_q_a, cosine=cosine, bad=bad)
+    if E_p_a is not None:
+        k = s * c * (1 - _dot(E_p_a, y_b))
+        out.update(
+            k=k,
+            bias_shift_sgd=g0 + _dot(E_p_a, g),
+            bias_shift_uncorrected=_dot(E_p_a, y_g) + g0 / c,
+            bias_shift_natural=dw0 + _dot(E_p_a, dw),
+            mean_term=_dot(E_p_a, y_g) - k * _dot(E_q_a, y_g),
+            bias_term=k * g0 / c,
+        )
+    return UnitQuantities(**out)
+
+
+def _from_fisher(F: Tensor, grad: Tensor, E_p_a: Tensor | None, damping: float,
+                 check: bool = True) -> UnitQuantities:
+    _check_fisher(F)
+    n1 = F.shape[-1]
+    if grad.shape != F.shape[:-1]:
+        raise ValueError(
+            f"grad must be (units, n+1) = {tuple(F.shape[:-1])} to match F {tuple(F.shape)}, "
+            f"got {tuple(grad.shape)}"
+        )
+    if E_p_a is not None and E_p_a.shape != (F.shape[0], n1 - 1):
+        raise ValueError(
+            f"E_p_a must be (units, n) = {(F.shape[0], n1 - 1)}, got {tuple(E_p_a.shape)}"
+        )
+    blk = split_fisher(F, damping)
+    solver = cholesky_solver(blk.A)
+    q = unit_quantities(blk.c, blk.b, solver, grad, E_p_a, bad=solver.bad)
+    if check and bool(q.bad.any()):
+        Fd = F + damping * torch.eye(n1, dtype=F.dtype, device=F.device) if damping else F
+        _raise_singular(Fd, q.bad, damping)
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# Public formulas: "from F"
+# --------------------------------------------------------------------------------------------
+
+def natural_gradient(F: Tensor, grad: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Theorem 1: the unit natural gradient ``(F + λI)⁻¹ (g₀, g)`` via the block formula.
+
+    ``s = (c − bᵀA⁻¹b)⁻¹``, ``Δw₀ = s (g₀ − bᵀA⁻¹g)``, ``Δw = A⁻¹g − Δw₀ A⁻¹b``.
+
+    Args:
+        F: unit Fisher blocks ``(units, n+1, n+1)``, bias at index 0.
+        grad: ``(units, n+1)`` gradient ``(g₀, g)`` of the loss being minimised.
+        damping: ``λ ≥ 0``; the bias entry is damped too.
+    Returns:
+        The direction ``(Δw₀, Δw)``, ``(units, n+1)``.
+    Raises:
+        SingularFisherError: a block is singular (gives the smallest eigenvalue).
+    """
+    return _from_fisher(F, grad, None, damping).natural
+
+
+def uncorrected_update(F: Tensor, grad: Tensor, damping: float = 0.0) -> Tensor:
+    r"""The natural gradient without the bias-shift correction (``b = 0``, ``s = c⁻¹``):
+    ``(c⁻¹ g₀, A⁻¹ g)``."""
+    return _from_fisher(F, grad, None, damping).uncorrected
+
+
+def natural_gradient_correction(F: Tensor, grad: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Theorem 1's correction term: ``F⁻¹(g₀, g) − (c⁻¹g₀, A⁻¹g)``.
+
+    Equals ``(s(g₀ − bᵀA⁻¹g) − c⁻¹g₀,  −Δw₀ A⁻¹b)``: what the interaction between the bias unit
+    and the incoming units (``b ≠ 0``) changes in the update.
+    """
+    q = _from_fisher(F, grad, None, damping)
+    return q.natural - q.uncorrected
+
+
+def s_from_fisher(F: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Theorem 1: ``s = (c − bᵀA⁻¹b)⁻¹`` (the inverse Schur complement of ``A``), ``(units,)``."""
+    zero = F.new_zeros(F.shape[:-1])
+    return _from_fisher(F, zero, None, damping).s
+
+
+def s_from_moments(E_p_delta2: Tensor, E_q_a: Tensor, Var_q_a: Tensor) -> Tensor:
+    r"""Theorem 1: ``s = E_p(δ²)⁻¹ (1 + E_q(a)ᵀ Var_q(a)⁻¹ E_q(a))``."""
+    x = _spd_solve(Var_q_a, E_q_a)
+    return (1 + _dot(E_q_a, x)) / E_p_delta2
+
+
+def k_from_fisher(F: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Theorem 2's ``k`` from ``F``: ``k = s c (1 − E_p(a)ᵀ A⁻¹ b)``.
+
+    With ``λ = 0`` this is the mixed form ``(1 − E_pᵀE_q(aaᵀ)⁻¹E_q)(1 − E_qᵀE_q(aaᵀ)⁻¹E_q)⁻¹``
+    and equals ``1 + (E_q(a) − E_p(a))ᵀ Var_q(a)⁻¹ E_q(a)``.
+    """
+    zero = F.new_zeros(F.shape[:-1])
+    q = _from_fisher(F, zero, E_p_a, damping)
+    assert q.k is not None
+    return q.k
+
+
+def k_from_moments(E_p_a: Tensor, E_q_a: Tensor, Var_q_a: Tensor) -> Tensor:
+    r"""Theorem 2: ``k = 1 + (E_q(a) − E_p(a))ᵀ Var_q(a)⁻¹ E_q(a)``."""
+    return 1 + _dot(E_q_a - E_p_a, _spd_solve(Var_q_a, E_q_a))
+
+
+def k_from_Cov(E_p_delta2: Tensor, Cov_p_delta2_a: Tensor, E_q_a: Tensor,
+               Var_q_a: Tensor) -> Tensor:
+    r"""Theorem 2: ``k = 1 + E_p(δ²)⁻¹ Cov_p(δ², a)ᵀ Var_q(a)⁻¹ E_q(a)``."""
+    return 1 + _dot(Cov_p_delta2_a, _spd_solve(Var_q_a, E_q_a)) / E_p_delta2
+
+
+def k_mixed(E_p_a: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> Tensor:
+    r"""Appendix: ``k = (1 − E_p(a)ᵀE_q(aaᵀ)⁻¹E_q(a)) (1 − E_q(a)ᵀE_q(aaᵀ)⁻¹E_q(a))⁻¹``."""
+    x = _spd_solve(E_q_aa, E_q_a)
+    return (1 - _dot(E_p_a, x)) / (1 - _dot(E_q_a, x))
+
+
+def bias_shift(update: Tensor, E_p_a: Tensor) -> Tensor:
+    r"""The bias shift (mean shift) of an update: ``Δw₀ + E_p(a)ᵀ Δw``.
+
+    ``update`` is ``(units, n+1)`` with the bias at index 0; applied to the gradient itself it
+    gives the plain-gradient (SGD direction) bias shift ``g₀ + E_p(a)ᵀ g``.
+    """
+    return update[:, 0] + _dot(E_p_a, update[:, 1:])
+
+
+def bias_shift_uncorrected(F: Tensor, grad: Tensor, E_p_a: Tensor,
+                           damping: float = 0.0) -> Tensor:
+    r"""Bias shift of the uncorrected natural gradient (``b = 0``): ``E_p(a)ᵀA⁻¹g + c⁻¹g₀``."""
+    q = _from_fisher(F, grad, E_p_a, damping)
+    assert q.bias_shift_uncorrected is not None
+    return q.bias_shift_uncorrected
+
+
+def bias_shift_natural(F: Tensor, grad: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Bias shift of the unit natural gradient: ``Δw₀ + E_p(a)ᵀΔw``, ``(Δw₀, Δw) = F⁻¹grad``."""
+    q = _from_fisher(F, grad, E_p_a, damping)
+    assert q.bias_shift_natural is not None
+    return q.bias_shift_natural
+
+
+@dataclass(frozen=True)
+class Theorem2:
+    r"""Theorem 2's decomposition of the natural gradient's bias shift, ``(units,)`` each.
+
+    ``bias_shift = mean_term + bias_term`` with ``mean_term = (E_p(a) − k E_q(a))ᵀ A⁻¹ g``
+    (the incoming mean corrected by ``−k E_q(a)``) and ``bias_term = k c⁻¹ g₀`` (the bias unit
+    scaled by ``k``).  ``E_q_a`` is ``b / c`` (``b / (c + λ)`` with damping).
+    """
+
+    k: Tensor
+    E_q_a: Tensor
+    mean_term: Tensor
+    bias_term: Tensor
+    bias_shift: Tensor
+
+
+def theorem2(F: Tensor, grad: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Theorem2:
+    r"""Theorem 2: the natural gradient's bias shift ``(E_p(a) − k E_q(a))ᵀA⁻¹g + k c⁻¹g₀``.
+
+    ``bias_shift`` is that sum; compare it with :func:`bias_shift_natural` (the direct
+    ``Δw₀ + E_p(a)ᵀΔw``) to check the theorem.
+    """
+    q = _from_fisher(F, grad, E_p_a, damping)
+    assert q.k is not None and q.mean_term is not None and q.bias_term is not None
+    return Theorem2(k=q.k, E_q_a=q.E_q_a, mean_term=q.mean_term, bias_term=q.bias_term,
+                    bias_shift=q.mean_term + q.bias_term)
+
+
+def condition_number(F: Tensor, damping: float = 0.0) -> Tensor:
+    """The 2-norm condition number ``λ_max / λ_min`` of ``F + λI`` per unit (``eigvalsh``)."""
+    _check_damping(damping)
+    if F.ndim != 3 or F.shape[-1] != F.shape[-2]:
+        raise ValueError(f"F must be (units, m, m), got shape {tuple(F.shape)}")
+    eig = torch.linalg.eigvalsh(F)
+    return (eig[:, -1] + damping) / (eig[:, 0] + damping)
+
+
+# --------------------------------------------------------------------------------------------
+# Appendix
+# --------------------------------------------------------------------------------------------
+
+def _spd_solve(M: Tensor, v: Tensor) -> Tensor:
+    """``M⁻¹ v`` for SPD ``M (units, n, n)`` and ``v (units, n)``; raises on singular ``M``."""
+    solver = cholesky_solver(M)
+    if bool(solver.bad.any()):
+        _raise_singular(M, solver.bad, 0.0, what="(or its moment matrix)")
+    return solver(v.unsqueeze(-1)).squeeze(-1)
+
+
+def block_inverse(F: Tensor, damping: float = 0.0) -> Tensor:
+    r"""Appendix: the inverse of ``[[c, bᵀ], [b, A]]`` by blocks (``s = (c − bᵀA⁻¹b)⁻¹``)::
+
+        [[ s,          −s bᵀA⁻¹             ],
+         [ −s A⁻¹b,    A⁻¹ + s A⁻¹b bᵀA⁻¹   ]]
+    """
+    blk = split_fisher(F, damping)
+    solver = cholesky_solver(blk.A)
+    n = blk.b.shape[-1]
+    eye = torch.eye(n, dtype=F.dtype, device=F.device).expand(F.shape[0], n, n)
+    Ainv = solver(eye)
+    y_b = solver(blk.b.unsqueeze(-1)).squeeze(-1)
+    schur = blk.c - _dot(blk.b, y_b)
+    bad = solver.bad | ~(schur > (n + 1) * torch.finfo(F.dtype).eps * blk.c)
+    if bool(bad.any()):
+        Fd = F + damping * torch.eye(n + 1, dtype=F.dtype, device=F.device) if damping else F
+        _raise_singular(Fd, bad, damping)
+    s = 1.0 / schur
+    out = torch.empty_like(F)
+    out[:, 0, 0] = s
+    out[:, 0, 1:] = -s.unsqueeze(-1) * y_b
+    out[:, 1:, 0] = -s.unsqueeze(-1) * y_b
+    out[:, 1:, 1:] = Ainv + s[:, None, None] * y_b.unsqueeze(-1) * y_b.unsqueeze(-2)
+    return out
+
+
+def quadratic_form_second_moment(E_a: Tensor, E_aa: Tensor) -> Tensor:
+    r"""Appendix: ``E(a)ᵀ E(a aᵀ)⁻¹ E(a)`` (``< 1``)."""
+    return _dot(E_a, _spd_solve(E_aa, E_a))
+
+
+def quadratic_form_sherman_morrison(E_a: Tensor, Var_a: Tensor) -> Tensor:
+    r"""Appendix (Sherman–Morrison): ``1 − 1 / (1 + E(a)ᵀ Var(a)⁻¹ E(a))``.
+
+    Equals :func:`quadratic_form_second_moment` since ``E(aaᵀ) = Var(a) + E(a)E(a)ᵀ``.
+    """
+    return 1 - 1 / (1 + _dot(E_a, _spd_solve(Var_a, E_a)))
