@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from biasshift.monitor.activation_monitor import ActivationMonitor
+from biasshift.monitor.histogram import HistogramSpec
 from biasshift.monitor.probe import ProbeStatistics, exact_median, probe_statistics
+from biasshift.monitor.running import STAT_COLUMNS, RunningStats
 from biasshift.monitor.selection import (
     ACTIVATION_TYPES,
     auto_unit_dim,
@@ -13,7 +16,11 @@ from biasshift.monitor.selection import (
 
 __all__ = [
     "ACTIVATION_TYPES",
+    "STAT_COLUMNS",
+    "ActivationMonitor",
+    "HistogramSpec",
     "ProbeStatistics",
+    "RunningStats",
     "auto_unit_dim",
     "exact_median",
     "is_activation",

@@ -35,14 +35,23 @@ def exact_median(values: Tensor, dim: int = 0) -> Tensor:
     """Median along ``dim`` ignoring NaNs, averaging the two middle values for even counts.
 
     Unlike :func:`torch.median` (which returns the lower of the two middle values) this agrees
-    with :func:`numpy.nanmedian`. A slice with no finite value gives NaN.
+    with :func:`numpy.nanmedian`. The average of the two middle values is rounded once (it is
+    formed in float64 for lower precisions) and cannot overflow. A slice with no non-NaN value,
+    or an empty ``dim``, gives NaN.
     """
     v = values.movedim(dim, 0)
+    if v.shape[0] == 0:
+        return torch.full(v.shape[1:], float("nan"), dtype=v.dtype, device=v.device)
     s, _ = torch.sort(v, dim=0)  # NaNs sort to the end
     k = (~torch.isnan(v)).sum(dim=0, keepdim=True)
     lo = ((k - 1).clamp(min=0)) // 2
     hi = k // 2
-    med = 0.5 * (s.gather(0, lo) + s.gather(0, hi))
+    a, b = s.gather(0, lo), s.gather(0, hi)
+    if v.dtype == torch.float64:
+        mid = a * 0.5 + b * 0.5  # no overflow; exact unless subnormal
+    else:  # exact in float64, then one rounding
+        mid = ((a.double() + b.double()) * 0.5).to(v.dtype)
+    med = torch.where(lo == hi, a, mid)
     med = torch.where(k > 0, med, torch.full_like(med, float("nan")))
     return med.squeeze(0)
 
@@ -76,7 +85,10 @@ class ProbeStatistics:
 
         Units of all ``modules`` (default: every probed module) are pooled. Returns a 0-dim tensor.
         """
-        means = torch.cat([self.mean[n].reshape(-1) for n in self._select(modules)])
+        names = self._select(modules)
+        if not names:
+            raise ValueError("median_of_means: no module selected")
+        means = torch.cat([self.mean[n].reshape(-1) for n in names])
         return exact_median(means)
 
     def layer_median_of_means(self) -> dict[str, Tensor]:
@@ -107,6 +119,9 @@ def _batches(probe: Tensor | Iterable[object], batch_size: int | None) -> Iterat
     if isinstance(probe, Tensor):
         if probe.ndim == 0:
             raise ValueError("probe must be a batch (N, ...) of inputs, got a 0-dim tensor")
+        if probe.shape[0] == 0:
+            raise ValueError(f"probe is empty (shape {tuple(probe.shape)}); pass at least one "
+                             "input")
         step = probe.shape[0] if batch_size is None else batch_size
         for start in range(0, probe.shape[0], step):
             yield probe[start : start + step]
@@ -141,7 +156,7 @@ def probe_statistics(
     """Run ``model`` in eval mode without gradients over ``probe``; return per-unit mean and median.
 
     Args:
-        model: any module; its training flag is restored afterwards.
+        model: any module; every submodule's training flag is restored afterwards.
         probe: a tensor of inputs (split into ``batch_size`` chunks) or an iterable of batches
             (tensors, or tuples whose first element is the input). Inputs are moved to the model's
             device.
@@ -152,24 +167,37 @@ def probe_statistics(
     Every call of a monitored module contributes its outputs; for conv outputs every position is a
     sample of its channel.  Activations are kept in float32 (float64 stays float64) until the end.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     chosen = resolve_modules(model, modules)
     rules = resolve_unit_dims(model, chosen, unit_dim)
     store: dict[str, list[Tensor]] = {n: [] for n in chosen}
+    first_shape: dict[str, tuple[int, ...]] = {}
 
     def make_hook(name: str):
         def hook(_mod: nn.Module, _inp: object, out: object) -> None:
             if not isinstance(out, Tensor):
                 raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
-            d = unit_dim_for(name, tuple(out.shape), rules[name])
+            shape = tuple(out.shape)
+            d = unit_dim_for(name, shape, rules[name])
+            first = first_shape.setdefault(name, shape)
+            if store[name] and store[name][0].shape[1] != shape[d]:
+                raise ValueError(
+                    f"module {name!r} produced outputs with different unit counts: shape "
+                    f"{shape} has {shape[d]} units along dim {d}, its first output {first} had "
+                    f"{store[name][0].shape[1]}")
             vals = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
             if vals.dtype not in (torch.float32, torch.float64):
-                vals = vals.float()
-            store[name].append(vals.clone())
+                vals = vals.float()  # a copy already
+            elif vals.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                vals = vals.clone()  # a view of the output: the model may overwrite it
+            store[name].append(vals)
 
         return hook
 
     device = _model_device(model)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # per module: some may be in eval already
     handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
     try:
         model.eval()
@@ -178,7 +206,8 @@ def probe_statistics(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
     mean: dict[str, Tensor] = {}
     median: dict[str, Tensor] = {}
@@ -189,9 +218,6 @@ def probe_statistics(
             raise RuntimeError(
                 f"module {n!r} was never called while running the probe; is it part of the forward?"
             )
-        widths = {p.shape[1] for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"module {n!r} produced outputs with different unit counts {widths}")
         v = torch.cat(parts)
         finite = torch.isfinite(v)
         nonfinite[n] = (~finite).sum(dim=0)

@@ -1,0 +1,241 @@
+"""Benchmark: the training-step overhead of :class:`biasshift.ActivationMonitor`.
+
+Models (random data of the stated shapes, plain SGD, cross-entropy, batch 64):
+
+* ``mlp``: the paper's MNIST classifier, ``paper_mlp("elu")``: 8 hidden layers of 128 ELUs
+  (8 monitored modules, (64, 128) outputs);
+* ``conv``: a small conv net on 32x32x3 inputs: ``Conv(3→32)-ELU-Conv(32→32)-ELU-MaxPool-
+  Conv(32→64)-ELU-GAP-Linear`` (3 monitored modules, channels are units).
+
+Arms, measured in the same process and interleaved round by round (A/B/C, C/B/A, ...) after a
+warm-up, statistics updated at every step:
+
+* ``off``: no monitor attached;
+* ``monitor``: ``ActivationMonitor(model)`` with its defaults (outputs staged in a 4 MiB
+  buffer per module, reduced when full);
+* ``direct``: ``ActivationMonitor(model, buffer_bytes=0)`` (every batch reduced at once);
+* ``hist`` (``--hist``): the default monitor plus 64-bin histograms.
+
+Each measurement times a block of ``--block`` steps (``torch.cuda.synchronize`` around the
+block only, never inside the monitor); on the CPU with one thread the clock is the process's
+CPU time by default, which other processes on a shared machine disturb far less than wall time
+(with more threads it would count OpenMP spin-waits, so wall time is used). The table reports
+per-step median and mean times and their ratios to ``off``: the median is the typical step, the
+mean includes the occasional step that reduces a full buffer, i.e. the amortised cost; "paired"
+is the median over rounds of each round's ratio of medians (robust to slow drifts of the
+machine's speed). GPU targets: overhead ≤ 10 % (mlp) and ≤ 3 % (conv).
+
+    python analyses/bench_monitor.py --threads 1          # CPU, < 2 min
+    python analyses/bench_monitor.py --device cuda --json runs/bench_monitor_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from biasshift import ActivationMonitor
+from biasshift.activations import ELU
+from biasshift.models import paper_mlp
+
+BATCH = 64
+
+
+def conv_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), ELU(),
+        nn.Conv2d(32, 32, 3, padding=1), ELU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), ELU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def build(name: str, device: torch.device, channels_last: bool):
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = paper_mlp("elu")
+        shape = (BATCH, 1, 28, 28)
+    else:
+        model = conv_net()
+        shape = (BATCH, 3, 32, 32)
+    model = model.to(device)
+    xs = [torch.rand(shape, device=device) for _ in range(8)]
+    if channels_last and len(shape) == 4:
+        model = model.to(memory_format=torch.channels_last)
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    ys = [torch.randint(0, 10, (BATCH,), device=device) for _ in range(8)]
+    return model, xs, ys
+
+
+def make_step(model: nn.Module, xs, ys) -> Callable[[int], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xs[i % len(xs)]), ys[i % len(ys)])
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    model, xs, ys = build(name, device, args.channels_last)
+    step = make_step(model, xs, ys)
+    monitors: dict[str, ActivationMonitor | None] = {
+        "off": None,
+        "monitor": ActivationMonitor(model),
+        "direct": ActivationMonitor(model, buffer_bytes=0),
+    }
+    if args.hist:
+        monitors["hist"] = ActivationMonitor(model, histogram=dict(bins=64, range=(-2.0, 6.0)))
+    rounds = args.rounds if args.rounds is not None else (30 if name == "mlp" else 5)
+    blocks = args.blocks if args.blocks is not None else (10 if name == "mlp" else 2)
+    block = args.block
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+
+    # warm-up: every arm, so that allocations, buffers and kernels exist before timing
+    for mon in monitors.values():
+        if mon is not None:
+            mon.attach()
+        for i in range(args.warmup):
+            step(i)
+        if mon is not None:
+            mon.detach()
+    sync(device)
+
+    times: dict[str, list[float]] = {arm: [] for arm in monitors}
+    per_round: dict[str, list[float]] = {arm: [] for arm in monitors}
+    steps_seen: dict[str, int] = dict.fromkeys(monitors, 0)
+    counter = 0
+    for r in range(rounds):
+        arms = list(monitors.items())
+        if r % 2:  # A/B/C, C/B/A, ...: no arm always runs first
+            arms.reverse()
+        for arm, mon in arms:
+            if mon is not None:
+                mon.attach()
+            these = []
+            for _ in range(blocks):
+                sync(device)
+                t0 = clock()
+                for _ in range(block):
+                    step(counter)
+                    counter += 1
+                sync(device)
+                these.append((clock() - t0) / block)
+                steps_seen[arm] += block
+            if mon is not None:
+                mon.detach()
+            times[arm] += these
+            per_round[arm].append(statistics.median(these))
+
+    # the work was real: every monitored forward of the timed and warm-up steps is counted
+    for arm, mon in monitors.items():
+        if mon is None:
+            continue
+        df = mon.stats()
+        samples = (steps_seen[arm] + args.warmup) * BATCH
+        if name == "conv":  # channels: every position of the first conv's output is a sample
+            df = df[df["module"] == "1"]
+            samples *= 32 * 32
+        assert (df["count"] + df["nonfinite"] == samples).all(), (arm, df["count"].iloc[0])
+
+    base_med = statistics.median(times["off"])
+    base_mean = statistics.fmean(times["off"])
+    out: dict = {"steps_per_arm": steps_seen["off"], "rounds": rounds, "clock": args.clock,
+                 "arms": {}}
+    for arm, ts in times.items():
+        med, mean = statistics.median(ts), statistics.fmean(ts)
+        paired = sorted(a / b for a, b in zip(per_round[arm], per_round["off"]))
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        out["arms"][arm] = {
+            "median_ms": med * 1e3, "mean_ms": mean * 1e3,
+            "ratio_median": med / base_med, "ratio_mean": mean / base_mean,
+            "ratio_paired": statistics.median(paired), "ratio_paired_q1": q[0],
+            "ratio_paired_q3": q[2],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--models", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds (default 30 for mlp, 5 for conv)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="timed blocks per arm and round (default 10 mlp, 2 conv)")
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per timed block (default 1 on CPU, 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps per arm")
+    p.add_argument("--clock", choices=["wall", "process"], default=None,
+                   help="wall (perf_counter) or process CPU time; default process on a CPU "
+                        "with 1 thread (robust to other processes on a shared machine), else "
+                        "wall")
+    p.add_argument("--hist", action="store_true", help="also time a monitor with histograms")
+    p.add_argument("--channels-last", action="store_true", help="conv net in channels_last")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.block is None:
+        args.block = 10 if device.type == "cuda" else 1
+    if args.clock is None:  # process CPU time counts OpenMP spin-waits when threads > 1
+        args.clock = "process" if device.type == "cpu" and torch.get_num_threads() == 1 \
+            else "wall"
+    if device.type == "cuda" and args.clock == "process":
+        p.error("--clock process cannot time GPU work; use --clock wall")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    results: dict = {}
+    start = time.perf_counter()
+    for name in args.models:
+        results[name] = bench_model(name, args, device)
+    elapsed = time.perf_counter() - start
+
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"ActivationMonitor overhead per training step ({label}, torch {torch.__version__}, "
+          f"batch {BATCH})")
+    print(f"clock: {args.clock}; x = ratio to 'off' (paired: median over rounds of the "
+          "per-round ratio of medians, with its quartiles)")
+    print(f"{'model':6} {'arm':8} {'median ms':>10} {'mean ms':>10} {'median x':>9} "
+          f"{'mean x':>8} {'paired x [q1, q3]':>22}")
+    for name, r in results.items():
+        for arm, a in r["arms"].items():
+            print(f"{name:6} {arm:8} {a['median_ms']:10.3f} {a['mean_ms']:10.3f} "
+                  f"{a['ratio_median']:9.3f} {a['ratio_mean']:8.3f} "
+                  f"{a['ratio_paired']:8.3f} [{a['ratio_paired_q1']:.3f}, "
+                  f"{a['ratio_paired_q3']:.3f}]")
+    print(f"({elapsed:.0f} s)")
+    if args.json:
+        from biasshift.io import provenance, write_json
+
+        write_json({"device": label, "batch": BATCH, "results": results,
+                    "provenance": provenance(args=vars(args))}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""``ActivationMonitor``: per-unit activation statistics of any model while it trains or evaluates.
+
+The paper's argument is about the *mean activation* of units: units whose mean is far from zero
+cause a bias shift in the next layer; ELUs (and units with negative values generally) keep it close
+to zero. The monitor measures exactly that, per unit, for any ``torch.nn.Module``::
+
+    monitor = ActivationMonitor(model)             # every activation module
+    with monitor:                                  # hooks on enter, all removed on exit
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            ...
+    monitor.stats()                                # one row per (module, unit)
+
+Samples and units
+    Each call of a monitored module contributes its whole output. The unit dim is chosen by the
+    documented automatic rule of :mod:`biasshift.monitor.selection` (``(N, F)`` and conv outputs:
+    dim 1; ``(N, T, F)``: dim 2) or by ``unit_dim``; every other position is a sample of its
+    unit, so a conv channel gets ``N * H * W`` samples per call, a sequence feature ``N * T``.
+    A module called several times in one forward pass counts every call.
+
+Statistics (:meth:`ActivationMonitor.stats`)
+    ``count`` finite samples; ``mean``; ``var`` the *population* variance ``M2 / count`` and
+    ``std`` its square root; ``min``/``max`` of the finite samples; ``frac_negative`` and
+    ``frac_zero`` among the finite samples; ``nonfinite`` the number of NaN/±inf samples, which
+    never enter the other statistics. Accumulation is numerically stable (shifted batch sums,
+    Chan's parallel merge in float64; see :mod:`biasshift.monitor.running`), half and bfloat16
+    activations are reduced in float32.
+
+Speed
+    Hooks never synchronise with the host: no ``.item()``, ``.cpu()``, ``.tolist()`` or Python
+    branching on values, only kernels queued on the activations' device and shape checks on
+    Python ints. By default each call only copies its output into a per-module staging buffer
+    (``buffer_bytes``, 4 MiB) that is reduced when full; :meth:`stats` is where the one transfer
+    to the host happens.
+
+``torch.compile``
+    Enter the monitor (register the hooks) *before* compiling, or call
+    ``torch._dynamo.reset()`` after entering it. The hook is excluded from compilation
+    (``torch.compiler.disable``), so the compiled model breaks its graph at each monitored module
+    and the statistics equal those of eager execution.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from biasshift._names import unknown_name_error
+from biasshift.monitor.histogram import HistogramSpec, histogram_frame
+from biasshift.monitor.running import (
+    STAT_COLUMNS,
+    RunningStats,
+    ScratchPool,
+    state_to_stats,
+)
+from biasshift.monitor.selection import (
+    ModuleSpec,
+    UnitDimSpec,
+    resolve_modules,
+    resolve_unit_dims,
+    unit_dim_for,
+)
+
+__all__ = ["ActivationMonitor"]
+
+_FORMAT = "biasshift.ActivationMonitor"
+_VERSION = 1
+_INT_COLUMNS = ("count", "nonfinite")
+_RESERVED_TAGS = frozenset({"module", "unit", "bin", "bin_left", "bin_right", *STAT_COLUMNS})
+
+_compiler_disable = getattr(getattr(torch, "compiler", None), "disable", None)
+if _compiler_disable is None:  # pragma: no cover - torch < 2.1
+    import torch._dynamo
+
+    _compiler_disable = torch._dynamo.disable
+
+
+def _empty_stats_frame(tag_names: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    cols: dict[str, pd.Series] = {t: pd.Series(dtype=object) for t in tag_names}
+    cols["module"] = pd.Series(dtype=object)
+    cols["unit"] = pd.Series(dtype="int64")
+    for c in STAT_COLUMNS:
+        cols[c] = pd.Series(dtype="int64" if c in _INT_COLUMNS else "float64")
+    return pd.DataFrame(cols)
+
+
+class ActivationMonitor:
+    """Per-unit running statistics of the outputs of a model's activation modules.
+
+    Args:
+        model: any ``nn.Module``.
+        modules: ``None`` (every activation module, ours and torch's: see
+            :func:`~biasshift.monitor.selection.is_activation`), an iterable of modules or of
+            qualified names as in ``model.named_modules()``, or a predicate
+            ``(name, module) -> bool``.
+        unit_dim: ``None`` (the automatic rule), an int for every monitored module, or a dict
+            name -> int (others use the automatic rule).
+        histogram: optional per-unit fixed-bin histograms: ``dict(bins=64, range=(-2.0, 6.0))``,
+            a :class:`~biasshift.monitor.histogram.HistogramSpec`, or ``True`` for those
+            defaults. See :meth:`histograms`.
+        compute_dtype: dtype of the per-batch work: ``None`` (float32, or float64 for float64
+            activations), ``torch.float32`` or ``torch.float64`` (slower, for float32
+            activations whose mean is huge compared with their spread).
+        buffer_bytes: per monitored module, the size of the staging buffer that batches are
+            copied into and reduced from when full; ``0`` reduces every batch at once. A batch
+            larger than the buffer is reduced directly.
+
+    Raises:
+        ValueError: no module matched (the message lists the monitorable modules).
+        KeyError: an unknown module name (the message suggests close names).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSpec = None,
+        unit_dim: UnitDimSpec = None,
+        *,
+        histogram: HistogramSpec | Mapping[str, Any] | bool | None = None,
+        compute_dtype: torch.dtype | None = None,
+        buffer_bytes: int = 4 << 20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if compute_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(
+                f"compute_dtype must be None, torch.float32 or torch.float64, got {compute_dtype}")
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
+            raise ValueError(f"buffer_bytes must be a non-negative int, got {buffer_bytes!r}")
+        self.model = model
+        self._modules = resolve_modules(model, modules)
+        self._rules = resolve_unit_dims(model, self._modules, unit_dim)
+        self.histogram = HistogramSpec.coerce(histogram)
+        self.compute_dtype = compute_dtype
+        self.buffer_bytes = buffer_bytes
+        self._acc: dict[str, RunningStats] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dims: dict[str, dict[int, int]] = {n: {} for n in self._modules}
+        self._history: list[dict[str, Any]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._scratch = ScratchPool()
+
+    # -- hooks --------------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        """Qualified names of the monitored modules, in ``named_modules()`` order."""
+        return list(self._modules)
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are registered (inside ``with monitor:``)."""
+        return bool(self._handles)
+
+    def attach(self) -> ActivationMonitor:
+        """Register the forward hooks (what ``with monitor:`` does on enter)."""
+        if self._handles:
+            raise RuntimeError(
+                "this ActivationMonitor is already attached (entered twice?); exit the first "
+                "`with monitor:` block or call detach() before attaching it again")
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this monitor registered (what leaving ``with monitor:`` does)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    def __enter__(self) -> ActivationMonitor:
+        return self.attach()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.detach()
+
+    def _make_hook(self, name: str):
+        @_compiler_disable
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            self._observe(name, output)
+
+        return hook
+
+    def _observe(self, name: str, out: object) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"monitored module {name!r} returned {type(out).__name__}, not a "
+                            "tensor; monitor a module whose output is one tensor")
+        if not out.is_floating_point():
+            raise TypeError(f"monitored module {name!r} returned a {out.dtype} tensor; only "
+                            "floating-point activations can be monitored")
+        shape = out.shape
+        dims = self._dims[name]
+        d = dims.get(len(shape))
+        if d is None:
+            d = dims[len(shape)] = unit_dim_for(name, tuple(shape), self._rules[name])
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = self._new_acc(name, out, d)
+        elif acc.units != shape[d]:
+            raise ValueError(
+                f"monitored module {name!r}: output shape {tuple(shape)} has {shape[d]} units "
+                f"along dim {d}, but its first output {self._shapes[name]} had {acc.units}; a "
+                "module's unit count must not change (call monitor.reset() between models)")
+        if acc.device != out.device:
+            acc.to(out.device)
+        if out.dtype == torch.float64 and acc.compute_dtype != torch.float64 \
+                and self.compute_dtype is None:
+            acc.set_compute_dtype(torch.float64, self._buffer_rows(acc.units, torch.float64))
+        acc.update(out, d)
+
+    def _buffer_rows(self, units: int, dtype: torch.dtype) -> int:
+        return self.buffer_bytes // (units * dtype.itemsize)
+
+    def _new_acc(self, name: str, out: Tensor, d: int) -> RunningStats:
+        units = out.shape[d]
+        if units == 0:
+            raise ValueError(f"monitored module {name!r}: output shape {tuple(out.shape)} has no "
+                             f"units along dim {d}")
+        cd = self.compute_dtype or (torch.float64 if out.dtype == torch.float64
+                                    else torch.float32)
+        self._shapes[name] = tuple(out.shape)
+        return RunningStats(units, out.device, compute_dtype=cd, histogram=self.histogram,
+                            buffer_rows=self._buffer_rows(units, cd), scratch=self._scratch)
+
+    # -- results ------------------------------------------------------------------------------
+    def _seen(self) -> list[str]:
+        return [n for n in self._modules if n in self._acc]
+
+    def stats(self) -> pd.DataFrame:
+        """One row per (module, unit): ``module, unit`` and :data:`STAT_COLUMNS`.
+
+        ``var`` is the population variance (``M2 / count``). Modules that were never called have
+        no rows; before any forward pass the frame is empty (with these columns).
+        """
+        names = self._seen()
+        states = {n: self._acc[n].state() for n in names}
+        return _stats_frame([({}, states)])
+
+    def histograms(self, *, aggregate: bool = False) -> pd.DataFrame:
+        """Per-unit histograms: ``module, unit, bin, bin_left, bin_right, count``.
+
+        ``bin`` -1 is the underflow bin ``(-inf, lo)``, ``bins`` the overflow bin ``[hi, inf)``.
+        With ``aggregate=True`` the counts are summed over each module's units (no ``unit``).
+        """
+        spec = self._require_histogram()
+        counts = _to_numpy({n: self._acc[n].histogram_counts() for n in self._seen()})
+        return histogram_frame(counts, spec, aggregate=aggregate)
+
+    def _require_histogram(self) -> HistogramSpec:
+        if self.histogram is None:
+            raise RuntimeError("this monitor keeps no histograms; create it with "
+                               "histogram=dict(bins=64, range=(-2.0, 6.0))")
+        return self.histogram
+
+    # -- history ------------------------------------------------------------------------------
+    def snapshot(self, **tags: Any) -> None:
+        """Append the current statistics, labelled with ``tags`` (e.g. ``epoch=3, step=1200``).
+
+        The snapshot stays on the device (no synchronisation); :meth:`history` converts it.
+        Tag values are Python scalars, strings or 0-dim tensors (converted in ``history()``).
+        """
+        for key, value in tags.items():
+            if key in _RESERVED_TAGS:
+                raise ValueError(f"snapshot tag {key!r} clashes with a column of the history; "
+                                 "rename it")
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise TypeError(f"snapshot tag {key!r}: tensors must have one element, got "
+                                    f"shape {tuple(value.shape)}")
+                tags[key] = value.detach().clone()
+            elif isinstance(value, np.generic):
+                tags[key] = value.item()  # a host value: plain Python for weights_only loads
+            elif not (value is None or isinstance(value, (str, numbers.Number))):
+                raise TypeError(f"snapshot tag {key!r} must be a scalar or string, got "
+                                f"{type(value).__name__}")
+        names = self._seen()
+        entry: dict[str, Any] = {
+            "tags": dict(tags),
+            "state": {n: self._acc[n].state() for n in names},
+            "hist": ({n: self._acc[n].histogram_counts() for n in names}
+                     if self.histogram is not None else None),
+        }
+        self._history.append(entry)
+
+    def history(self) -> pd.DataFrame:
+        """All snapshots as one long tidy frame: the tags, ``module, unit`` and the statistics."""
+        return _stats_frame([(e["tags"], e["state"]) for e in self._history],
+                            tag_names=self._tag_names())
+
+    def histogram_history(self, *, aggregate: bool = False) -> pd.DataFrame:
+        """All snapshots' histograms: the tags, then the columns of :meth:`histograms`."""
+        spec = self._require_histogram()
+        frames = []
+        tag_names = self._tag_names()
+        for e in self._history:
+            f = histogram_frame(_to_numpy(e["hist"]), spec, aggregate=aggregate)
+            tags = _tag_values(e["tags"])
+            for i, t in enumerate(tag_names):
+                f.insert(i, t, tags.get(t))
+            frames.append(f)
+        if not frames:
+            empty = histogram_frame({}, spec, aggregate=aggregate)
+            for i, t in enumerate(tag_names):
+                empty.insert(i, t, pd.Series(dtype=object))
+            return empty
+        return pd.concat(frames, ignore_index=True)
+
+    def _tag_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for e in self._history:
+            names.update(dict.fromkeys(e["tags"]))
+        return list(names)
+
+    def reset(self, *, history: bool = False) -> None:
+        """Clear the running statistics (and the snapshots too with ``history=True``)."""
+        self._acc.clear()
+        self._shapes.clear()
+        for d in self._dims.values():
+            d.clear()
+        if history:
+            self._history.clear()
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The running statistics, pending rows and history, for ``torch.save``.
+
+        Restoring it with :meth:`load_state_dict` into a monitor of the same modules and
+        histogram bins and feeding the same batches gives bit-identical statistics.
+        """
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "histogram": self.histogram.to_dict() if self.histogram is not None else None,
+            "modules": {n: self._acc[n].state_dict() for n in self._seen()},
+            "shapes": {n: list(self._shapes[n]) for n in self._seen()},
+            "history": [
+                {"tags": dict(e["tags"]),
+                 "state": {n: t.clone() for n, t in e["state"].items()},
+                 "hist": ({n: t.clone() for n, t in e["hist"].items()}
+                          if e["hist"] is not None else None)}
+                for e in self._history
+            ],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; tensors move to the activations' device lazily."""
+        if state_dict.get("format") != _FORMAT:
+            raise ValueError("not an ActivationMonitor state_dict (missing format marker "
+                             f"{_FORMAT!r})")
+        if state_dict.get("version") != _VERSION:
+            raise ValueError(f"unsupported ActivationMonitor state_dict version "
+                             f"{state_dict.get('version')!r} (expected {_VERSION})")
+        spec = HistogramSpec.coerce(state_dict["histogram"]) if state_dict["histogram"] else None
+        if spec != self.histogram:
+            raise ValueError(f"state_dict was saved with histogram={spec}, this monitor has "
+                             f"histogram={self.histogram}")
+        modules = state_dict["modules"]
+        for n in modules:
+            if n not in self._modules:
+                raise unknown_name_error("monitored module", n, list(self._modules))
+        accs: dict[str, RunningStats] = {}
+        for n, sd in modules.items():
+            device = sd["state"].device
+            acc = RunningStats(int(sd["units"]), device, compute_dtype=torch.float32,
+                               histogram=self.histogram, scratch=self._scratch)
+            acc.load_state_dict(sd)
+            accs[n] = acc
+        self.reset(history=True)
+        self._acc.update(accs)
+        self._shapes.update({n: tuple(s) for n, s in state_dict.get("shapes", {}).items()})
+        for e in state_dict.get("history", []):
+            self._history.append({
+                "tags": dict(e["tags"]),
+                "state": {n: t.clone() for n, t in e["state"].items()},
+                "hist": ({n: t.clone() for n, t in e["hist"].items()}
+                         if e.get("hist") is not None else None),
+            })
+
+    def __repr__(self) -> str:
+        hist = f", histogram={self.histogram}" if self.histogram is not None else ""
+        state = "attached" if self.active else "detached"
+        return (f"ActivationMonitor({len(self._modules)} modules: "
+                f"{', '.join(self._modules)}{hist}; {state})")
+
+
+# -- conversion to pandas (the one host transfer) -----------------------------------------------
+def _to_numpy(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """Move several tensors to the host with one transfer per device."""
+    if not tensors:
+        return {}
+    names = list(tensors)
+    out: dict[str, np.ndarray] = {}
+    by_device: dict[torch.device, list[str]] = {}
+    for n in names:
+        by_device.setdefault(tensors[n].device, []).append(n)
+    for group in by_device.values():
+        flat = torch.cat([tensors[n].reshape(-1) for n in group]).cpu().numpy()
+        start = 0
+        for n in group:
+            t = tensors[n]
+            out[n] = flat[start : start + t.numel()].reshape(tuple(t.shape))
+            start += t.numel()
+    return {n: out[n] for n in names}
+
+
+def _tag_values(tags: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in tags.items()}
+
+
+def _stats_frame(entries: list[tuple[Mapping[str, Any], Mapping[str, Tensor]]],
+                 tag_names: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Tidy frame from ``[(tags, {module: state})]``; one transfer per device for all states."""
+    keyed = {f"{i}\x00{n}": st for i, (_, states) in enumerate(entries)
+             for n, st in states.items()}
+    if not keyed:
+        return _empty_stats_frame(tag_names)
+    # convert states to statistics on the device, then move everything at once
+    stats = {k: torch.stack([v.to(torch.float64) for v in state_to_stats(st).values()])
+             for k, st in keyed.items()}
+    host = _to_numpy(stats)
+    frames = []
+    for i, (tags, states) in enumerate(entries):
+        values = _tag_values(tags)
+        for n in states:
+            arr = host[f"{i}\x00{n}"]
+            units = arr.shape[1]
+            cols: dict[str, Any] = {t: values.get(t) for t in tag_names}
+            cols["module"] = n
+            cols["unit"] = np.arange(units)
+            for j, c in enumerate(STAT_COLUMNS):
+                col = arr[j]
+                cols[c] = col.astype(np.int64) if c in _INT_COLUMNS else col
+            frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)
+

@@ -1,0 +1,140 @@
+"""Per-unit fixed-bin histograms against numpy.histogram and brute-force edge comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from biasshift.monitor import running
+from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram, histogram_frame
+from biasshift.monitor.running import RunningStats
+
+
+def brute_force(values: np.ndarray, spec: HistogramSpec) -> np.ndarray:
+    """(units, bins + 2): underflow, bins, overflow by comparisons with the reported edges."""
+    e = spec.edges()
+    out = np.zeros((values.shape[1], spec.bins + 2), dtype=np.int64)
+    for u in range(values.shape[1]):
+        x = values[:, u]
+        x = x[np.isfinite(x)]
+        out[u, 0] = (x < e[0]).sum()
+        out[u, -1] = (x >= e[-1]).sum()
+        for k in range(spec.bins):
+            out[u, k + 1] = ((x >= e[k]) & (x < e[k + 1])).sum()
+    return out
+
+
+def _counts(x: torch.Tensor, unit_dim: int, spec: HistogramSpec) -> np.ndarray:
+    counts = torch.zeros(x.shape[unit_dim], spec.slots, dtype=torch.int64, device=x.device)
+    work = torch.empty_like(x, dtype=torch.float64)
+    accumulate_histogram(counts, x, unit_dim, spec, work)
+    return counts.cpu().numpy()
+
+
+def test_dyadic_bins_match_numpy_and_edges_exactly(device: torch.device) -> None:
+    spec = HistogramSpec(bins=64, range=(-2.0, 6.0))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 6, generator=gen) * 2.5 + 1
+    x[:, 2] = torch.nn.functional.elu(x[:, 2])
+    x[:65, 3] = torch.from_numpy(spec.edges().astype(np.float32))  # every value on an edge
+    x[0, 4] = 6.0  # exactly hi: overflow (half-open bins)
+    x[1, 4] = -2.0  # exactly lo: first bin
+    x[2, 4] = math.nan
+    x[3, 4] = math.inf
+    x[4, 4] = -math.inf
+    x[5, 4] = -1e-9  # just below the edge 0: must not round into [0, 0.125)
+    c = _counts(x.to(device), 1, spec)
+    ref = brute_force(x.double().numpy(), spec)
+    np.testing.assert_array_equal(c[:, : spec.bins + 2], ref)
+    assert c[4, -1] == 3  # the non-finite slot
+    # numpy agrees on the inner bins (numpy closes its last bin at hi; we count hi as overflow)
+    for u in range(6):
+        xu = x[:, u].double().numpy()
+        xu = xu[np.isfinite(xu) & (xu != 6.0)]
+        h, _ = np.histogram(xu, bins=spec.edges())
+        np.testing.assert_array_equal(c[u, 1 : spec.bins + 1], h)
+
+
+def test_non_dyadic_range_matches_numpy_on_generic_data() -> None:
+    spec = HistogramSpec(bins=7, range=(-0.3, 1.1))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4000, 3, generator=gen, dtype=torch.float64) * 2 - 0.6
+    c = _counts(x, 1, spec)
+    np.testing.assert_array_equal(c[:, : spec.bins + 2], brute_force(x.numpy(), spec))
+    for u in range(3):
+        h, _ = np.histogram(x[:, u].numpy(), bins=spec.edges())
+        np.testing.assert_array_equal(c[u, 1:-2], h)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_layout_units_are_channels(layout: str) -> None:
+    spec = HistogramSpec(bins=10, range=(-1.0, 1.5))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 5, 6, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = _counts(x, 1, spec)
+    ref = brute_force(x.permute(0, 2, 3, 1).reshape(-1, 4).double().numpy(), spec)
+    np.testing.assert_array_equal(c[:, :-1], ref)
+
+
+@pytest.mark.parametrize("tile", [None, 40])
+@pytest.mark.parametrize("buffer_rows", [0, 64, 4096])
+def test_running_histogram_totals_equal_counts(buffer_rows: int, tile: int | None,
+                                               monkeypatch) -> None:
+    if tile is not None:  # reductions and histograms in tiles of a few samples
+        monkeypatch.setattr(running, "_TILE_ELEMENTS", tile)
+    spec = HistogramSpec(bins=16, range=(-2.0, 2.0))
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(50, 5, generator=gen) * 2 for _ in range(6)]
+    batches[2][:7, 1] = math.nan
+    batches[3][:3, 2] = -math.inf
+    rs = RunningStats(5, histogram=spec, buffer_rows=buffer_rows)
+    for b in batches:
+        rs.update(b, 1)
+    h = rs.histogram_counts().numpy()
+    assert h.shape == (5, spec.bins + 2)
+    np.testing.assert_array_equal(h.sum(axis=1), rs.stats()["count"].numpy())
+    np.testing.assert_array_equal(h, brute_force(torch.cat(batches).double().numpy(), spec))
+
+
+def test_histogram_frame_tidy_format() -> None:
+    spec = HistogramSpec(bins=3, range=(0.0, 3.0))
+    counts = {"a": np.arange(2 * spec.slots).reshape(2, spec.slots)}
+    df = histogram_frame(counts, spec)
+    assert list(df.columns) == ["module", "unit", "bin", "bin_left", "bin_right", "count"]
+    assert len(df) == 2 * (spec.bins + 2)
+    first = df[df.unit == 0]
+    assert first.bin.tolist() == [-1, 0, 1, 2, 3]
+    assert first.bin_left.tolist() == [-math.inf, 0.0, 1.0, 2.0, 3.0]
+    assert first.bin_right.tolist() == [0.0, 1.0, 2.0, 3.0, math.inf]
+    assert first["count"].tolist() == [0, 1, 2, 3, 4]  # the non-finite slot is not reported
+    agg = histogram_frame(counts, spec, aggregate=True)
+    assert "unit" not in agg.columns
+    assert agg["count"].tolist() == [0 + 6, 1 + 7, 2 + 8, 3 + 9, 4 + 10]
+    empty = histogram_frame({}, spec)
+    assert empty.empty and list(empty.columns) == list(df.columns)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(bins=0), ValueError), (dict(bins=2.5), ValueError), (dict(range=(1.0, 1.0)), ValueError),
+    (dict(range=(0.0, math.inf)), ValueError), (dict(range="ab"), ValueError),
+])
+def test_spec_validation(bad: dict, err: type[Exception]) -> None:
+    with pytest.raises(err):
+        HistogramSpec(**bad)
+
+
+def test_spec_coerce() -> None:
+    assert HistogramSpec.coerce(None) is None and HistogramSpec.coerce(False) is None
+    assert HistogramSpec.coerce(True) == HistogramSpec()
+    assert HistogramSpec.coerce({"bins": 8, "range": [-1, 1]}) == HistogramSpec(8, (-1.0, 1.0))
+    with pytest.raises(TypeError, match="unknown"):
+        HistogramSpec.coerce({"bins": 8, "lo": 0})
+    with pytest.raises(TypeError, match="histogram must be"):
+        HistogramSpec.coerce(8)
+    e = HistogramSpec(bins=64, range=(-2.0, 6.0)).edges()
+    assert e[0] == -2.0 and e[-1] == 6.0 and np.all(np.diff(e) == 0.125)
