@@ -13,6 +13,16 @@ _REPO = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker() -> None:
+    """One intra-op thread per test process: `pytest -n 2` on 2 cores must not oversubscribe.
+
+    (Oversubscribed OpenMP on a loaded 2-core machine made some tests 50x slower, and this torch
+    build's batched float64 ``linalg.solve`` hits an MKL error with several threads.)
+    """
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -208,3 +208,24 @@ def test_exact_median_edge_cases() -> None:
     assert torch.isnan(exact_median(torch.empty(0, 2), 0)).all()
     assert exact_median(torch.empty(0, 2), 0).shape == (2,)
     assert math.isnan(exact_median(torch.tensor([math.nan, math.nan])).item())
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_streaming_means_equal_exact_means(batch_size: int | None) -> None:
+    """medians=False keeps only float64 sums: the same means and counts, no medians."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), _Poison())
+    probe = torch.randn(12, 3)
+    full = probe_statistics(model, probe, ["1"], batch_size=batch_size)
+    fast = probe_statistics(model, probe, ["1"], batch_size=batch_size, medians=False)
+    assert fast.median == {}
+    torch.testing.assert_close(fast.mean["1"], full.mean["1"], equal_nan=True, rtol=1e-7, atol=0)
+    assert fast.mean["1"].dtype == full.mean["1"].dtype
+    assert torch.equal(fast.nonfinite["1"], full.nonfinite["1"])
+    assert fast.samples == full.samples
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), ELU())
+    x = torch.randn(6, 2, 7, 7)
+    full = probe_statistics(cnn, x, batch_size=batch_size)
+    fast = probe_statistics(cnn, x, batch_size=batch_size, medians=False)
+    torch.testing.assert_close(fast.mean["1"], full.mean["1"], rtol=1e-6, atol=1e-7)
+    assert fast.samples["1"] == 6 * 25

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -152,6 +153,7 @@ def probe_statistics(
     unit_dim: UnitDimSpec = None,
     *,
     batch_size: int | None = 4096,
+    medians: bool = True,
 ) -> ProbeStatistics:
     """Run ``model`` in eval mode without gradients over ``probe``; return per-unit mean and median.
 
@@ -163,6 +165,9 @@ def probe_statistics(
         modules, unit_dim: as for :class:`biasshift.ActivationMonitor` (default: every activation
             module; the automatic unit-dimension rule).
         batch_size: chunk size for a tensor probe (``None``: one chunk).
+        medians: keep every activation to compute exact medians (memory: all probe activations).
+            With ``False`` only per-unit float64 sums are kept (streaming, constant memory) and
+            ``median`` is empty; the means are the same.
 
     Every call of a monitored module contributes its outputs; for conv outputs every position is a
     sample of its channel.  Activations are kept in float32 (float64 stays float64) until the end.
@@ -172,8 +177,9 @@ def probe_statistics(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     chosen = resolve_modules(model, modules)
     rules = resolve_unit_dims(model, chosen, unit_dim)
-    store: dict[str, list[Tensor]] = {n: [] for n in chosen}
+    store: dict[str, list[Any]] = {n: [] for n in chosen}  # tensors, or one running-sum tuple
     first_shape: dict[str, tuple[int, ...]] = {}
+    units_seen: dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(_mod: nn.Module, _inp: object, out: object) -> None:
@@ -182,12 +188,25 @@ def probe_statistics(
             shape = tuple(out.shape)
             d = unit_dim_for(name, shape, rules[name])
             first = first_shape.setdefault(name, shape)
-            if store[name] and store[name][0].shape[1] != shape[d]:
+            if units_seen.setdefault(name, shape[d]) != shape[d]:
                 raise ValueError(
                     f"module {name!r} produced outputs with different unit counts: shape "
-                    f"{shape} has {shape[d]} units along dim {d}, its first output {first} had "
-                    f"{store[name][0].shape[1]}")
+                    f"{shape} has {shape[d]} units along dim {d}, its first output had shape "
+                    f"{first}")
             vals = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
+            if not medians:
+                # streaming: float64 sums of the finite values, no float64 copy of the batch
+                finite = torch.isfinite(vals)
+                kept = torch.where(finite, vals, torch.zeros((), dtype=vals.dtype,
+                                                             device=vals.device))
+                batch = (kept.sum(0, dtype=torch.float64), finite.sum(0), vals.shape[0],
+                         vals.dtype if vals.dtype in (torch.float32, torch.float64)
+                         else torch.float32)
+                if store[name]:
+                    s0, c0, n0, dt = store[name][0]
+                    batch = (s0 + batch[0], c0 + batch[1], n0 + batch[2], dt)
+                store[name] = [batch]
+                return
             if vals.dtype not in (torch.float32, torch.float64):
                 vals = vals.float()  # a copy already
             elif vals.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
@@ -218,6 +237,12 @@ def probe_statistics(
             raise RuntimeError(
                 f"module {n!r} was never called while running the probe; is it part of the forward?"
             )
+        if not medians:
+            total, count, n_rows, dtype = parts[0]
+            mean[n] = (total / count).to(dtype)  # 0/0 -> NaN for a unit with no finite value
+            nonfinite[n] = n_rows - count
+            samples[n] = n_rows
+            continue
         v = torch.cat(parts)
         finite = torch.isfinite(v)
         nonfinite[n] = (~finite).sum(dim=0)

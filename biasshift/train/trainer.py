@@ -72,9 +72,6 @@ from biasshift.io import write_csv
 from biasshift.monitor.probe import ProbeStatistics, probe_statistics
 from biasshift.monitor.selection import (
     ModuleSpec,
-    resolve_modules,
-    resolve_unit_dims,
-    unit_dim_for,
 )
 from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biasshift.train.plugins import Plugin
@@ -375,57 +372,8 @@ class Trainer:
         """
         if self.probe_x is None:
             raise RuntimeError("Trainer.probe(): the trainer was built with probe_size=0")
-        if self.probe_medians:
-            return probe_statistics(self.model, self.probe_x, self.probe_modules,
-                                    batch_size=self.eval_batch_size)
-        chosen = resolve_modules(self.model, self.probe_modules)
-        rules = resolve_unit_dims(self.model, chosen, None)
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, Tensor] = {}
-        samples: dict[str, int] = dict.fromkeys(chosen, 0)
-        dtypes: dict[str, torch.dtype] = {}
-
-        def make_hook(name: str) -> Callable[..., None]:
-            def hook(_mod: nn.Module, _inp: object, out: object) -> None:
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
-                d = unit_dim_for(name, tuple(out.shape), rules[name])
-                v = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
-                dtypes[name] = v.dtype if v.dtype in (torch.float32, torch.float64) \
-                    else torch.float32
-                finite = torch.isfinite(v)
-                # float64 accumulation without a float64 copy of the activations
-                s = torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
-                if name in sums:
-                    if sums[name].shape[0] != v.shape[1]:
-                        raise ValueError(f"module {name!r} produced outputs with different unit "
-                                         f"counts {sums[name].shape[0]} and {v.shape[1]}")
-                    sums[name] += s.sum(0, dtype=torch.float64)
-                    counts[name] += finite.sum(0)
-                else:
-                    sums[name] = s.sum(0, dtype=torch.float64)
-                    counts[name] = finite.sum(0)
-                samples[name] += v.shape[0]
-
-            return hook
-
-        modes = _training_flags(self.model)
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
-        try:
-            self.model.eval()
-            for start in range(0, self.probe_x.shape[0], self.eval_batch_size):
-                self.model(self.probe_x[start : start + self.eval_batch_size])
-        finally:
-            for h in handles:
-                h.remove()
-            _restore_training_flags(modes)
-        for n in chosen:
-            if n not in sums:
-                raise RuntimeError(f"module {n!r} was never called while running the probe; is "
-                                   "it part of the forward?")
-        mean = {n: (sums[n] / counts[n]).to(dtypes[n]) for n in chosen}  # 0/0 -> NaN
-        nonfinite = {n: samples[n] - counts[n] for n in chosen}
-        return ProbeStatistics(mean=mean, median={}, nonfinite=nonfinite, samples=samples)
+        return probe_statistics(self.model, self.probe_x, self.probe_modules,
+                                batch_size=self.eval_batch_size, medians=self.probe_medians)
 
     # ------------------------------------------------------------------ history bookkeeping
     def _add_rows(self, rows: Iterator[tuple[int, str, int, str, float]] | list,
