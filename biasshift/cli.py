@@ -25,6 +25,7 @@ examples:
   biasshift reproduce activation-median --data-dir ../shared/data --jobs 4
   biasshift reproduce median-variance --activations relu,elu --epochs 200
   biasshift reproduce autoencoder --lr 1e-2,1e-3 --resume --work-dir runs/ae
+  biasshift reproduce natural-gradient-gap --quick --option damping=1e-3
 
 Paper presets read MNIST from --data-dir, $BIASSHIFT_DATA/<name>/ or the user cache (and download
 it unless $BIASSHIFT_OFFLINE is set). Runs checkpoint every epoch into --work-dir; after an
@@ -47,6 +48,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runs trained in parallel processes (default 1)")
     rep.add_argument("--threads", type=_positive, metavar="N",
                      help="torch threads per run (default 1; use --jobs to fill the cores)")
+    rep.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                     dest="options",
+                     help="an analysis-specific setting (repeatable), e.g. natural-gradient-gap's "
+                          "--option damping=1e-3 --option optimizers=sgd; the JSON record lists "
+                          "every option under settings.options")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -129,7 +142,7 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         epochs=args.epochs, seeds=args.seeds, activations=args.activations, lrs=args.lrs,
         batch_size=args.batch_size, probe_size=args.probe_size, device=args.device,
         out=args.out, work_dir=args.work_dir, resume=args.resume, jobs=args.jobs,
-        threads=args.threads,
+        threads=args.threads, options=dict(args.options),
     )
     result = run_analysis(settings, progress=not args.no_progress,
                           command=" ".join(["biasshift", *argv]))

@@ -59,15 +59,18 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FACTOR_FORMS",
     "Cov_p",
     "E_q",
     "E_q_from_Cov",
     "E_q_outer",
     "FisherBlocks",
+    "NaturalGradientFactors",
     "SingularFisherError",
     "Theorem2",
     "UnitQuantities",
     "Var_q",
+    "apply_natural_gradient",
     "bias_shift",
     "bias_shift_natural",
     "bias_shift_uncorrected",
@@ -83,6 +86,7 @@ __all__ = [
     "moments_from_fisher",
     "natural_gradient",
     "natural_gradient_correction",
+    "natural_gradient_factors",
     "quadratic_form_second_moment",
     "quadratic_form_sherman_morrison",
     "s_from_fisher",
@@ -591,3 +595,132 @@ def quadratic_form_sherman_morrison(E_a: Tensor, Var_a: Tensor) -> Tensor:
     Equals :func:`quadratic_form_second_moment` since ``E(aaᵀ) = Var(a) + E(a)E(a)ᵀ``.
     """
     return 1 - 1 / (1 + _dot(E_a, _spd_solve(Var_a, E_a)))
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem 1 in factored form: prepare once, apply to many gradients
+# --------------------------------------------------------------------------------------------
+
+FACTOR_FORMS = ("inverse", "cholesky")
+
+
+@dataclass(frozen=True)
+class NaturalGradientFactors:
+    r"""Theorem 1's block form of ``(F + λI)⁻¹``, prepared for many gradients.
+
+    With ``c = F₀₀ + λ``, ``b = F₁:,₀`` and ``A = F₁:,₁: + λI``::
+
+        A⁻¹b,   s = (c − bᵀA⁻¹b)⁻¹,   and A⁻¹ itself (form "inverse") or L = chol(A)
+        (form "cholesky"),
+
+    so that :func:`apply_natural_gradient` gives ``Δw₀ = s (g₀ − (A⁻¹b)ᵀg)``,
+    ``Δw = A⁻¹g − Δw₀ A⁻¹b`` with one batched vector-matrix product (``"inverse"``) or one
+    batched ``cholesky_solve`` (``"cholesky"``) per call.  For blocks without a bias unit
+    (``A_inv_b`` and ``s`` are ``None``) the direction is ``(A + λI)⁻¹ g``.
+
+    Attributes:
+        form: ``"inverse"`` (``factor`` is ``A⁻¹``) or ``"cholesky"`` (``factor`` is the lower
+            Cholesky factor of ``A``), ``(units, n, n)``.
+        factor: see ``form``.
+        A_inv_b: ``A⁻¹b`` ``(units, n)``, or ``None`` without a bias unit.
+        s: ``(c − bᵀA⁻¹b)⁻¹`` ``(units,)``, or ``None`` without a bias unit.
+        bad: ``(units,)`` bool, blocks that are not numerically positive definite (a failed or
+            near-zero Cholesky pivot, or a Schur complement ``c − bᵀA⁻¹b`` not above
+            ``(n+1)·eps·c``).
+    """
+
+    form: str
+    factor: Tensor
+    A_inv_b: Tensor | None
+    s: Tensor | None
+    bad: Tensor
+
+    @property
+    def bias(self) -> bool:
+        """Whether the blocks have a bias unit (index 0)."""
+        return self.s is not None
+
+    def solve_A(self, rhs: Tensor) -> Tensor:
+        """``A⁻¹ rhs`` for ``rhs (units, n, r)``."""
+        if self.form == "inverse":  # (rhsᵀ A⁻¹)ᵀ: A⁻¹ is symmetric and read by rows
+            return torch.bmm(rhs.mT, self.factor).mT
+        return torch.cholesky_solve(rhs, self.factor)
+
+
+def natural_gradient_factors(F: Tensor, damping: float = 0.0, *, bias: bool = True,
+                             form: str = "inverse", check: bool = True,
+                             overwrite: bool = False) -> NaturalGradientFactors:
+    r"""Factor ``F + λI`` once for Theorem 1 (see :class:`NaturalGradientFactors`).
+
+    Args:
+        F: unit Fisher blocks ``(units, m, m)``: with ``bias=True`` ``m = n+1`` with the bias
+            at index 0 (``m ≥ 2``); with ``bias=False`` the whole block is ``A`` (``m = n``).
+            Only the lower triangle is read (the Cholesky factorisation's convention).
+        damping: ``λ ≥ 0``; the bias entry is damped too (``c + λ``, ``A + λI``).
+        bias: whether index 0 is a bias unit.
+        form: ``"inverse"`` keeps ``A⁻¹`` (from ``cholesky_inverse``; each application is one
+            batched vector-matrix product, the fast path on CPUs and GPUs alike) or
+            ``"cholesky"`` keeps the factor (each application is a batched ``cholesky_solve``,
+            two triangular solves; cheaper to refresh).
+        check: raise :class:`SingularFisherError` when a block is singular (one host
+            synchronisation); with ``False`` the caller inspects ``bad`` itself (the factors of
+            the flagged blocks are those of the identity, ``A_inv_b``/``s`` are meaningless).
+        overwrite: allow adding ``λ`` to ``F``'s diagonal in place (saves a copy of ``F``).
+    Returns:
+        The factors; ``apply_natural_gradient(factors, grad)`` equals
+        ``natural_gradient(F, grad, damping)`` (with a bias) or ``(F + λI)⁻¹ grad`` (without).
+    """
+    if F.ndim != 3 or F.shape[-1] != F.shape[-2] or F.shape[-1] < (2 if bias else 1):
+        raise ValueError(
+            "F must be a batch of unit Fisher blocks (units, m, m)"
+            + (" with the bias at index 0 (m = n+1 >= 2)" if bias else "")
+            + f", got shape {tuple(F.shape)}"
+        )
+    _check_damping(damping)
+    if form not in FACTOR_FORMS:
+        raise ValueError(f"form must be one of {FACTOR_FORMS}, got {form!r}")
+    if damping:
+        F = F if overwrite else F.clone()
+        F.diagonal(dim1=-2, dim2=-1).add_(damping)
+    A = F[:, 1:, 1:] if bias else F
+    chol = cholesky_solver(A)
+    bad = chol.bad
+    # singular blocks get the identity factor, so that every factor is finite and invertible
+    L = chol.L.masked_fill_(bad[:, None, None], 0.0)
+    L.diagonal(dim1=-2, dim2=-1).masked_fill_(bad.unsqueeze(-1), 1.0)
+    factor = torch.cholesky_inverse(L) if form == "inverse" else L
+    A_inv_b = s = None
+    if bias:
+        c, b = F[:, 0, 0], F[:, 1:, 0]
+        if form == "inverse":  # bᵀA⁻¹ = (A⁻¹b)ᵀ: a vector-matrix product reads A⁻¹ by rows
+            A_inv_b = torch.bmm(b.unsqueeze(1), factor).squeeze(1)
+        else:
+            A_inv_b = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+        schur = c - _dot(b, A_inv_b)
+        bad = bad | ~(schur > F.shape[-1] * torch.finfo(F.dtype).eps * c)
+        s = 1.0 / schur
+    if check and bool(bad.any()):
+        _raise_singular(F, bad, damping)
+    return NaturalGradientFactors(form=form, factor=factor, A_inv_b=A_inv_b, s=s, bad=bad)
+
+
+def apply_natural_gradient(factors: NaturalGradientFactors, grad: Tensor) -> Tensor:
+    r"""Theorem 1 with prepared factors: ``(F + λI)⁻¹ (g₀, g)`` for ``grad (units, m)``.
+
+    ``Δw₀ = s (g₀ − (A⁻¹b)ᵀg)``, ``Δw = A⁻¹g − Δw₀ A⁻¹b`` (with a bias unit), else
+    ``(A + λI)⁻¹ g``.  No host synchronisation.
+    """
+    m = factors.factor.shape[-1] + int(factors.bias)
+    if grad.shape != (factors.factor.shape[0], m):
+        raise ValueError(
+            f"grad must be (units, {'n+1' if factors.bias else 'n'}) = "
+            f"{(factors.factor.shape[0], m)}, got {tuple(grad.shape)}"
+        )
+    if not factors.bias:
+        return factors.solve_A(grad.unsqueeze(-1)).squeeze(-1)
+    assert factors.A_inv_b is not None and factors.s is not None
+    g0, g = grad[:, 0], grad[:, 1:]
+    y = factors.solve_A(g.unsqueeze(-1)).squeeze(-1)
+    dw0 = factors.s * (g0 - _dot(factors.A_inv_b, g))
+    dw = y - dw0.unsqueeze(-1) * factors.A_inv_b
+    return torch.cat([dw0.unsqueeze(-1), dw], dim=-1)

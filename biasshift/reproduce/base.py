@@ -11,9 +11,13 @@ An analysis (one module in :mod:`biasshift.reproduce`, registered in
   quantity; see :data:`TIDY_COLUMNS`) — and :meth:`Analysis.plot`.
 
 The runs of an analysis are the product activations x learning rates x seeds
-(:meth:`Analysis.run_specs`); :mod:`biasshift.reproduce.runner` trains them (resumably, in
-parallel processes when asked) and writes ``NAME.csv``, ``NAME.png``, ``NAME.pdf`` and
-``NAME.json``.
+(:meth:`Analysis.run_specs`; an analysis may add optimizers, see ``natural-gradient-gap``);
+:mod:`biasshift.reproduce.runner` trains them (resumably, in parallel processes when asked) and
+writes ``NAME.csv``, ``NAME.png``, ``NAME.pdf`` and ``NAME.json``.
+
+Analysis-specific settings live in ``Preset.options`` (``--option KEY=VALUE`` on the command
+line); an analysis may add rows and columns to each run's table (:meth:`Analysis.run_frame`,
+:attr:`Analysis.tidy_columns`) and headline numbers to the JSON (:meth:`Analysis.summary`).
 
 The tidy CSV columns
     ==============  ==========================================================================
@@ -31,6 +35,9 @@ The tidy CSV columns
                     e.g. ``median_change_var``
     ``value``       the number (NaN/inf recorded as they occurred in a diverged run)
     ==============  ==========================================================================
+
+    An analysis may add columns (:attr:`Analysis.tidy_columns`, e.g. ``optimizer``, ``step`` and
+    ``stat`` in ``natural-gradient-gap``); the columns above are always there.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from biasshift.data.base import ArrayDataset
-    from biasshift.train.trainer import OptimizerFactory
+    from biasshift.train.trainer import OptimizerFactory, Trainer
 
 __all__ = [
     "DATASETS",
@@ -83,6 +90,7 @@ class Preset:
     batch_size: int = 64
     probe_size: int | None = 10_000
     model: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,10 @@ class RunSpec:
     """One training run of an analysis: everything that determines its result.
 
     The run folder ``<work_dir>/<run>/`` keeps its ``spec.json``; a resume checks that the spec
-    is the same (except ``epochs``, which may grow).
+    is the same (except ``epochs``, which may grow).  ``optimizer`` names the run's optimizer
+    (``"sgd"``: the trainer's plain SGD) and ``options`` holds the analysis-specific settings
+    that shape the run; a ``spec.json`` written before these fields existed reads as ``"sgd"``
+    and ``{}``.
     """
 
     analysis: str
@@ -103,13 +114,18 @@ class RunSpec:
     batch_size: int
     probe_size: int | None
     model: dict[str, Any]
+    optimizer: str = "sgd"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
-    def run_id(activation: str, lr: float, seed: int) -> str:
-        return f"{activation}-lr{lr:g}-seed{seed}"
+    def run_id(activation: str, lr: float, seed: int, optimizer: str = "sgd") -> str:
+        """``<activation>-lr<lr>-seed<seed>``, with ``-<optimizer>`` after the activation for
+        optimizers other than plain SGD."""
+        opt = "" if optimizer == "sgd" else f"-{optimizer}"
+        return f"{activation}{opt}-lr{lr:g}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class Settings:
     resume: bool = False
     jobs: int = 1
     threads: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quick(self) -> bool:
@@ -157,6 +174,8 @@ class Analysis:
         min_epochs: the fewest epochs the analysis can summarise.
         probe_medians: whether runs need each unit's exact probe median (costly; see
             :class:`~biasshift.train.Trainer`).
+        tidy_columns: the columns of the tidy CSV (:data:`TIDY_COLUMNS` plus any the analysis
+            adds in :meth:`run_frame`).
     """
 
     name: str = ""
@@ -166,6 +185,7 @@ class Analysis:
     presets: dict[str, Preset] = {}  # noqa: RUF012 (overridden per subclass)
     min_epochs: int = 1
     probe_medians: bool = False
+    tidy_columns: tuple[str, ...] = TIDY_COLUMNS
 
     # --------------------------------------------------------------- settings and runs
     def validate(self, settings: Settings) -> None:
@@ -205,17 +225,33 @@ class Analysis:
         """The run's optimizer factory; ``None`` is plain SGD with ``spec.lr``."""
         return None
 
+    def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
+                  trainer: Trainer | None) -> pd.DataFrame:
+        """One run's tidy rows (columns :attr:`tidy_columns`) from the trainer's history
+        ``frame`` (columns :data:`TIDY_COLUMNS`).
+
+        Called after training with the ``trainer`` (its plug-ins hold their results; write what
+        a later reuse needs into ``run_dir``), and with ``trainer=None`` when a finished run
+        is reused from ``run_dir``.  The default returns ``frame`` unchanged.
+        """
+        return frame
+
     # --------------------------------------------------------------- results
     def aggregate(self, frames: Sequence[pd.DataFrame], settings: Settings) -> pd.DataFrame:
-        """The tidy table of all runs (columns :data:`TIDY_COLUMNS`, sorted by run order)."""
+        """The tidy table of all runs (columns :attr:`tidy_columns`, sorted by run order)."""
+        cols = list(self.tidy_columns)
         if not frames:
-            return pd.DataFrame(columns=list(TIDY_COLUMNS))
+            return pd.DataFrame(columns=cols)
         df = pd.concat(frames, ignore_index=True)
-        return df[list(TIDY_COLUMNS)]
+        return df[cols]
 
     def plot(self, df: pd.DataFrame, settings: Settings) -> Figure:
         """The figure for the tidy table ``df``."""
         raise NotImplementedError
+
+    def summary(self, df: pd.DataFrame, settings: Settings) -> dict[str, Any] | None:
+        """Headline numbers for the JSON record (its ``summary`` key); ``None``: none."""
+        return None
 
     def default_out(self, quick: bool) -> Path:
         return Path("figures") / "quick" if quick else Path("figures")

@@ -16,7 +16,7 @@ __all__ = ["ANALYSES", "get_analysis", "register"]
 
 ANALYSES: dict[str, Analysis] = {}
 
-_MODULES = ("activation_median", "median_variance", "autoencoder")
+_MODULES = ("activation_median", "median_variance", "autoencoder", "natural_gradient_gap")
 
 
 def register(analysis: Analysis) -> Analysis:

@@ -26,7 +26,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ from biasshift.reproduce.base import (
     DATASETS,
     TIDY_COLUMNS,
     Analysis,
+    Preset,
     RunSpec,
     Settings,
     UsageError,
@@ -68,6 +69,61 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _coerce_option(key: str, value: Any, default: Any) -> Any:
+    """``value`` (from the command line: a string) as the type of the preset's ``default``."""
+    def bad(what: str) -> UsageError:
+        return UsageError(f"option {key}={value!r}: expected {what} (the preset has "
+                          f"{key}={default!r})")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise bad("true or false")
+    if isinstance(default, int):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad("an integer") from None
+        if isinstance(value, bool) or not f.is_integer():
+            raise bad("an integer")
+        return int(f)
+    if isinstance(default, float):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if isinstance(value, bool) or not math.isfinite(f):
+            raise bad("a finite number")
+        return f
+    if isinstance(default, (tuple, list)):
+        items = value if isinstance(value, (tuple, list)) else [
+            t for t in (x.strip() for x in str(value).split(",")) if t]
+        if not items:
+            raise bad("a comma-separated list")
+        proto = default[0] if len(default) else ""
+        return tuple(_coerce_option(key, v, proto) for v in items)
+    return str(value).strip()
+
+
+def _options(analysis: Analysis, preset: Preset, given: Mapping[str, Any] | None
+             ) -> dict[str, Any]:
+    merged = dict(preset.options)
+    for key, value in (given or {}).items():
+        k = str(key).strip().replace("-", "_")
+        if k not in preset.options:
+            if not preset.options:
+                raise UsageError(f"{analysis.name} takes no --option, got {key!r}")
+            raise UsageError(unknown_name_error(f"{analysis.name} option", k,
+                                                list(preset.options)).args[0])
+        merged[k] = _coerce_option(k, value, preset.options[k])
+    return merged
 
 
 def _no_duplicates(name: str, values: Sequence[Any]) -> tuple[Any, ...]:
@@ -97,10 +153,13 @@ def resolve_settings(
     resume: bool = False,
     jobs: int = 1,
     threads: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Merge the chosen preset (``"quick"`` or ``"paper"``) with overrides and check everything.
 
-    ``None`` keeps the preset's value. ``probe_size`` is an int or ``"all"``. Raises
+    ``None`` keeps the preset's value. ``probe_size`` is an int or ``"all"``. ``options``
+    overrides the preset's analysis-specific options (``{"damping": 1e-3}``; strings are
+    converted to the type of the preset's value, lists are comma-separated). Raises
     :class:`UsageError` with a message that says what to change.
     """
     analysis = get_analysis(name)
@@ -171,6 +230,7 @@ def resolve_settings(
         resume=bool(resume),
         jobs=jobs,
         threads=_positive_int("threads", threads),
+        options=_options(analysis, preset, options),
     )
     analysis.validate(settings)
     return settings
@@ -260,7 +320,8 @@ def run_one(
     t0 = time.perf_counter()
 
     if resume and spec_path.exists():
-        have = json.loads(spec_path.read_text())
+        # fields added to RunSpec later read as their defaults in older spec.json files
+        have = {"optimizer": "sgd", "options": {}, **json.loads(spec_path.read_text())}
         diff = sorted(k for k in set(want) | set(have)
                       if k != "epochs" and have.get(k) != want.get(k))
         if diff:
@@ -271,7 +332,8 @@ def run_one(
             done = json.loads(done_path.read_text())
             stopped = done.get("status") == "diverged" and done["epochs_done"] <= spec.epochs
             if done["epochs"] == spec.epochs or stopped:
-                frame = _with_spec_columns(_read_history(hist_path), spec)
+                frame = analysis.run_frame(spec, _with_spec_columns(_read_history(hist_path),
+                                                                    spec), run_dir, None)
                 if progress is not None:
                     progress(spec.run, spec.epochs)
                 return RunOutcome(spec, frame, done["status"], int(done["epochs_done"]),
@@ -314,12 +376,13 @@ def run_one(
     except CheckpointError as err:
         raise UsageError(f"{err} (run folder {run_dir})") from None
     status = "diverged" if trainer.diverged else "finished"
+    frame = analysis.run_frame(spec, _with_spec_columns(history, spec), run_dir, trainer)
     wall = time.perf_counter() - t0
     write_json({"status": status, "epochs": spec.epochs, "epochs_done": trainer.epoch,
                 "wall_s": wall, "epoch_seconds": trainer.epoch_seconds}, done_path)
     if progress is not None:
         progress(spec.run, spec.epochs)
-    return RunOutcome(spec, _with_spec_columns(history, spec), status, trainer.epoch,
+    return RunOutcome(spec, frame, status, trainer.epoch,
                       resumed_from=trainer.resumed_from, wall_s=wall,
                       epoch_seconds=list(trainer.epoch_seconds))
 
@@ -446,6 +509,7 @@ def run_analysis(settings: Settings, *, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     stem = out / analysis.name
     paths = {"csv": write_csv(df, stem.with_suffix(".csv"))}
+    summary = analysis.summary(df, settings)
     fig = analysis.plot(df, settings)
     for p in save_figure(fig, stem):
         paths[p.suffix.lstrip(".")] = p
@@ -453,6 +517,8 @@ def run_analysis(settings: Settings, *, progress: bool = True,
     extra: dict[str, Any] = {}
     if command is not None:
         extra["command"] = command
+    if summary is not None:
+        extra["summary"] = summary
     record = provenance(
         **extra,
         analysis=analysis.name,
@@ -468,7 +534,7 @@ def run_analysis(settings: Settings, *, progress: bool = True,
         n_diverged=sum(o.status == "diverged" for o in outcomes),
         n_reused=sum(o.reused for o in outcomes),
         runs=[o.info() for o in outcomes],
-        tidy_columns=list(TIDY_COLUMNS),
+        tidy_columns=list(analysis.tidy_columns),
         outputs={k: str(v) for k, v in paths.items()},
         wall_time_s=round(wall, 3),
     )

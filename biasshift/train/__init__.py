@@ -4,6 +4,9 @@
   and probe statistics in a tidy history, atomic per-epoch checkpoints, bit-identical resume;
 * :class:`Plugin` — the callback protocol (no-op base class); :class:`MonitorPlugin` keeps a
   :class:`biasshift.ActivationMonitor` attached for a whole fit;
+* :class:`BiasShiftTracker` — measures, on a :class:`StepSchedule` of steps, each unit's bias
+  shift and the gap between the gradient and the unit natural gradient
+  (:mod:`biasshift.train.tracking`); :func:`summarize_tracking` gives per-layer quantiles;
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, ``weights_only`` checkpoints.
 """
 
@@ -11,17 +14,21 @@ from __future__ import annotations
 
 from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biasshift.train.plugins import MonitorLike, MonitorPlugin, Plugin
+from biasshift.train.tracking import BiasShiftTracker, StepSchedule, summarize_tracking
 from biasshift.train.trainer import HISTORY_COLUMNS, LOSSES, Trainer, derive_seed
 
 __all__ = [
     "HISTORY_COLUMNS",
     "LOSSES",
+    "BiasShiftTracker",
     "CheckpointError",
     "MonitorLike",
     "MonitorPlugin",
     "Plugin",
+    "StepSchedule",
     "Trainer",
     "derive_seed",
     "load_checkpoint",
     "save_checkpoint",
+    "summarize_tracking",
 ]

@@ -1,0 +1,172 @@
+"""Cost of the BiasShiftTracker on the Fig. 2 setting: 8x128 MLP, MNIST-shaped data, SGD, batch 64.
+
+Measures on ``--threads`` torch threads (default 1), interleaving runs with and without the
+tracker (``--reps`` times, medians reported):
+
+* seconds per plain training step (the trainer's loop on ``--steps`` mini-batches);
+* seconds per tracked step (``--probe`` samples, exact Fisher, the study's damping): the extra
+  time of a run that tracks ``--tracked`` of those steps, divided by ``--tracked``; and the ratio
+  tracked step / training step;
+* the projected training time per epoch of the study's schedule (log-spaced, 8 per decade, plus
+  every epoch end, over ``--epochs`` epochs) relative to plain training, without and with the
+  trainer's per-epoch evaluation (whole train and test set, 10,000-sample probe);
+* with ``--epoch1``: a directly measured first epoch (the densest part of the schedule) with
+  and without the tracker.
+
+    python analyses/bench_tracking.py --data-dir ../shared/data [--device cuda] [--json out.json]
+
+Without MNIST (no ``--data-dir``/``$BIASSHIFT_DATA``) random data of MNIST's shape is used: the
+cost does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+from biasshift.data import ArrayDataset, load_dataset
+from biasshift.data.base import DatasetNotFoundError
+from biasshift.models import paper_mlp
+from biasshift.train import Trainer
+from biasshift.train.tracking import BiasShiftTracker, StepSchedule
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mnist_shaped(data_dir: str | None) -> ArrayDataset:
+    try:
+        return load_dataset("mnist", data_dir=data_dir, download=False)
+    except (DatasetNotFoundError, TypeError):
+        warnings.warn("MNIST not found: timing on random data of MNIST's shape", stacklevel=2)
+        g = torch.Generator().manual_seed(0)
+        return ArrayDataset("mnist-shaped", torch.rand(60000, 1, 28, 28, generator=g),
+                            torch.randint(0, 10, (60000,), generator=g),
+                            torch.rand(10000, 1, 28, 28, generator=g),
+                            torch.randint(0, 10, (10000,), generator=g), 10)
+
+
+def timed_fit(ds: ArrayDataset, device: torch.device, plugins: list, epochs: int = 1,
+              act: str = "elu") -> float:
+    t = Trainer(lambda: paper_mlp(act), ds, epochs=epochs, device=device, plugins=plugins,
+                probe_size=0, eval_initial=False, seed=0)
+    # time the training loop only (the evaluation is measured separately)
+    _sync(device)
+    t0 = time.perf_counter()
+    for p in t.plugins:
+        p.on_fit_start(t)
+    for e in range(1, epochs + 1):
+        t._train_epoch(e)
+        t.epoch = e
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=200, help="training steps per timed run")
+    ap.add_argument("--tracked", type=int, default=8, help="tracked steps in the tracked run")
+    ap.add_argument("--probe", type=int, default=512)
+    ap.add_argument("--damping", type=float, default=1e-4)
+    ap.add_argument("--fisher", default="exact")
+    ap.add_argument("--epochs", type=int, default=15, help="the study's epochs (projection)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--epoch1", action="store_true",
+                    help="also time the whole first epoch with and without the tracker")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    full = mnist_shaped(args.data_dir).to(device)
+    sub = full.subset(64 * args.steps, 1000)
+    every = max(1, args.steps // args.tracked)
+    steps = list(range(every, every * args.tracked + 1, every))
+
+    def tracker(schedule) -> BiasShiftTracker:
+        return BiasShiftTracker(probe_size=args.probe, damping=args.damping,
+                                fisher=args.fisher, schedule=schedule)
+
+    timed_fit(sub.subset(64 * 20, 100), device, [tracker([1])])  # warm-up
+    plain, tracked = [], []
+    for _ in range(args.reps):  # interleaved
+        plain.append(timed_fit(sub, device, []))
+        tracked.append(timed_fit(sub, device, [tracker(steps)]))
+    t_step = statistics.median(plain) / args.steps
+    t_track = (statistics.median(tracked) - statistics.median(plain)) / len(steps)
+
+    # the trainer's per-epoch evaluation (whole sets + the 10,000-sample probe)
+    t = Trainer(lambda: paper_mlp("elu"), full, epochs=1, device=device, probe_size=10_000)
+    _sync(device)
+    t0 = time.perf_counter()
+    t.evaluate()
+    t.probe()
+    _sync(device)
+    t_eval = time.perf_counter() - t0
+
+    spe = math.ceil(full.train_x.shape[0] / 64)
+    sched = StepSchedule.log_spaced(8, epoch_ends=True).steps(args.epochs * spe, spe)
+    n_tracked = len(sched)
+    train = args.epochs * spe * t_step
+    ratio_train = (train + n_tracked * t_track) / train
+    ratio_epoch = (train + args.epochs * t_eval + n_tracked * t_track) / (
+        train + args.epochs * t_eval)
+    first = [s for s in sched if s <= spe]
+    ratio_first = (spe * t_step + len(first) * t_track) / (spe * t_step)
+
+    result = {
+        "device": str(device), "threads": args.threads, "platform": platform.platform(),
+        "torch": torch.__version__, "data": full.name, "probe": args.probe,
+        "fisher": args.fisher, "damping": args.damping, "reps": args.reps,
+        "seconds_per_training_step": t_step,
+        "seconds_per_tracked_step": t_track,
+        "tracked_step_over_training_step": t_track / t_step,
+        "seconds_per_evaluation": t_eval,
+        "schedule": f"log-spaced 8 per decade + epoch ends, {args.epochs} epochs x {spe} steps",
+        "tracked_steps_in_schedule": n_tracked,
+        "tracked_steps_in_epoch_1": len(first),
+        "ratio_training_loop_with_tracker": ratio_train,
+        "ratio_epoch_incl_evaluation_with_tracker": ratio_epoch,
+        "ratio_epoch_1_training_loop": ratio_first,
+        "plain_runs_s": plain, "tracked_runs_s": tracked,
+    }
+    if args.epoch1:
+        e_plain, e_tracked = [], []
+        for _ in range(max(1, args.reps // 2)):
+            e_plain.append(timed_fit(full, device, []))
+            e_tracked.append(timed_fit(full, device, [tracker(StepSchedule.log_spaced(8))]))
+        result["epoch1_plain_s"] = e_plain
+        result["epoch1_tracked_s"] = e_tracked
+        result["epoch1_measured_ratio"] = statistics.median(e_tracked) / statistics.median(
+            e_plain)
+
+    print(f"8x128 MLP, {full.name}, batch 64, {args.threads} thread(s), {device}")
+    print(f"  training step              {t_step * 1e3:9.2f} ms")
+    print(f"  tracked step (probe {args.probe})   {t_track * 1e3:9.1f} ms  "
+          f"({t_track / t_step:.0f}x a training step)")
+    print(f"  evaluation per epoch       {t_eval:9.2f} s")
+    print(f"  schedule: {n_tracked} tracked steps in {args.epochs} epochs "
+          f"({len(first)} in epoch 1)")
+    print(f"  time with / without tracker: training loop {ratio_train:.2f}x, epoch incl. "
+          f"evaluation {ratio_epoch:.2f}x, epoch 1 {ratio_first:.2f}x")
+    if args.epoch1:
+        print(f"  epoch 1 measured: {result['epoch1_measured_ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Theorem 1 in factored form (``natural_gradient_factors`` / ``apply_natural_gradient``) against
+dense float64 solves and against ``theory.natural_gradient``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biasshift import theory
+
+F64 = torch.float64
+
+
+def spd_blocks(units: int, m: int, samples: int, seed: int, *, bias: bool = True,
+               dtype: torch.dtype = F64) -> torch.Tensor:
+    """Empirical-Fisher-like blocks ``mean δ² ã ãᵀ`` (rank ``min(samples, m)``)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(units, samples, m, generator=g, dtype=F64) + 0.5
+    if bias:
+        a[..., 0] = 1.0
+    d2 = torch.rand(units, samples, generator=g, dtype=F64) + 0.1
+    return (torch.einsum("usi,us,usj->uij", a, d2, a) / samples).to(dtype)
+
+
+def dense(F: torch.Tensor, grad: torch.Tensor, damping: float) -> torch.Tensor:
+    eye = torch.eye(F.shape[-1], dtype=F.dtype)
+    return torch.linalg.solve(F + damping * eye, grad.unsqueeze(-1)).squeeze(-1)
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).abs().max() / y.abs().max())
+
+
+@pytest.mark.parametrize("form", theory.FACTOR_FORMS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_factors_equal_dense_solve(form: str, bias: bool, damping: float) -> None:
+    F = spd_blocks(5, 7, 40, seed=1, bias=bias)
+    g = torch.randn(5, 7, dtype=F64, generator=torch.Generator().manual_seed(2))
+    fac = theory.natural_gradient_factors(F, damping, bias=bias, form=form)
+    out = theory.apply_natural_gradient(fac, g)
+    assert fac.bias is bias and not bool(fac.bad.any())
+    assert rel_err(out, dense(F, g, damping)) < 1e-10
+    if bias:
+        assert rel_err(out, theory.natural_gradient(F, g, damping)) < 1e-10
+        # the stored pieces are Theorem 1's: s and A⁻¹b
+        blk = theory.split_fisher(F, damping)
+        A_inv_b = torch.linalg.solve(blk.A, blk.b.unsqueeze(-1)).squeeze(-1)
+        assert rel_err(fac.A_inv_b, A_inv_b) < 1e-10
+        assert rel_err(fac.s, theory.s_from_fisher(F, damping)) < 1e-10
+    else:
+        assert fac.A_inv_b is None and fac.s is None
+
+
+def test_factors_reused_for_many_gradients() -> None:
+    F = spd_blocks(3, 4, 20, seed=3)
+    fac = theory.natural_gradient_factors(F, 1e-3)
+    for seed in range(3):
+        g = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        assert rel_err(theory.apply_natural_gradient(fac, g), dense(F, g, 1e-3)) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(units=st.integers(1, 4), n1=st.integers(2, 6), extra=st.integers(0, 10),
+       damping=st.sampled_from([0.0, 1e-6, 1e-2, 1.0]), seed=st.integers(0, 2**31 - 1),
+       form=st.sampled_from(theory.FACTOR_FORMS), bias=st.booleans())
+def test_factors_identity_hypothesis(units: int, n1: int, extra: int, damping: float, seed: int,
+                                     form: str, bias: bool) -> None:
+    F = spd_blocks(units, n1, n1 + 2 + extra, seed, bias=bias)
+    g = torch.randn(units, n1, dtype=F64, generator=torch.Generator().manual_seed(seed + 1))
+    fac = theory.natural_gradient_factors(F, damping, bias=bias, form=form)
+    out = theory.apply_natural_gradient(fac, g)
+    cond = float(theory.condition_number(F, damping).max())
+    assert rel_err(out, dense(F, g, damping)) < 1e-13 * max(cond, 1.0) + 1e-12
+
+
+def test_only_the_lower_triangle_is_read() -> None:
+    F = spd_blocks(3, 6, 30, seed=12)
+    G = F.tril() + 7.0 * torch.randn(3, 6, 6, dtype=F64).triu(1)
+    g = torch.randn(3, 6, dtype=F64)
+    for form in theory.FACTOR_FORMS:
+        a = theory.apply_natural_gradient(theory.natural_gradient_factors(F, 1e-3, form=form), g)
+        b = theory.apply_natural_gradient(theory.natural_gradient_factors(G, 1e-3, form=form), g)
+        assert torch.equal(a, b)
+
+
+def test_overwrite_damps_in_place() -> None:
+    F = spd_blocks(2, 4, 20, seed=13)
+    G = F.clone()
+    theory.natural_gradient_factors(G, 0.5)
+    assert torch.equal(G, F)
+    theory.natural_gradient_factors(G, 0.5, overwrite=True)
+    assert torch.allclose(G, F + 0.5 * torch.eye(4, dtype=F64))
+
+
+def test_float32_close_to_float64() -> None:
+    F = spd_blocks(4, 6, 30, seed=4)
+    g = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(5))
+    ref = dense(F, g, 1e-2)
+    for form in theory.FACTOR_FORMS:
+        fac = theory.natural_gradient_factors(F.float(), 1e-2, form=form)
+        assert fac.factor.dtype == torch.float32
+        assert rel_err(theory.apply_natural_gradient(fac, g.float()).double(), ref) < 1e-4
+
+
+def test_singular_block_raises_with_eigenvalue() -> None:
+    F = spd_blocks(3, 6, 3, seed=6)  # 3 samples, 6 rows: rank 3
+    with pytest.raises(theory.SingularFisherError, match=r"smallest eigenvalue.*damping") as err:
+        theory.natural_gradient_factors(F, 0.0)
+    assert err.value.units == [0, 1, 2]
+    assert abs(err.value.smallest_eigenvalue) < 1e-10
+    # damping makes it regular
+    fac = theory.natural_gradient_factors(F, 1e-3)
+    assert not bool(fac.bad.any())
+
+
+def test_unchecked_flags_only_the_singular_blocks() -> None:
+    F = spd_blocks(3, 5, 30, seed=7)
+    F[1] = spd_blocks(1, 5, 2, seed=8)[0]  # rank 2
+    for form in theory.FACTOR_FORMS:
+        fac = theory.natural_gradient_factors(F, 0.0, form=form, check=False)
+        assert fac.bad.tolist() == [False, True, False]
+        assert bool(torch.isfinite(fac.factor).all())
+        g = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(9))
+        out = theory.apply_natural_gradient(fac, g)
+        keep = torch.tensor([0, 2])
+        assert rel_err(out[keep], dense(F[keep], g[keep], 0.0)) < 1e-10
+    # a zero Schur complement (c = bᵀA⁻¹b) is flagged too
+    a = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(10))
+    A = a.T @ a
+    b = A[:, 0]
+    G = torch.zeros(1, 4, 4, dtype=F64)
+    G[0, 1:, 1:] = A
+    G[0, 1:, 0] = G[0, 0, 1:] = b
+    G[0, 0, 0] = A[0, 0]  # the bias column equals the first weight column
+    assert theory.natural_gradient_factors(G, 0.0, check=False).bad.tolist() == [True]
+
+
+def test_bad_arguments() -> None:
+    F = spd_blocks(2, 4, 10, seed=11)
+    with pytest.raises(ValueError, match="damping"):
+        theory.natural_gradient_factors(F, -1.0)
+    with pytest.raises(ValueError, match="form"):
+        theory.natural_gradient_factors(F, form="lu")
+    with pytest.raises(ValueError, match=r"\(units, m, m\)"):
+        theory.natural_gradient_factors(F[0])
+    with pytest.raises(ValueError, match="bias at index 0"):
+        theory.natural_gradient_factors(torch.ones(2, 1, 1, dtype=F64))
+    # a 1x1 block without a bias is fine
+    fac = theory.natural_gradient_factors(torch.full((2, 1, 1), 4.0, dtype=F64), bias=False)
+    out = theory.apply_natural_gradient(fac, torch.ones(2, 1, dtype=F64))
+    assert torch.allclose(out, torch.full((2, 1), 0.25, dtype=F64))
+    fac = theory.natural_gradient_factors(F)
+    with pytest.raises(ValueError, match=r"grad must be \(units, n\+1\)"):
+        theory.apply_natural_gradient(fac, torch.ones(2, 3, dtype=F64))
