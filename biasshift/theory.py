@@ -388,6 +388,12 @@ def unit_quantities(c: Tensor, b: Tensor, solve_A: Callable[[Tensor], Tensor], g
 def _from_fisher(F: Tensor, grad: Tensor, E_p_a: Tensor | None, damping: float,
                  check: bool = True) -> UnitQuantities:
     _check_fisher(F)
+    # mixed precision in, the wider precision out (e.g. a float32 F with a float64 gradient)
+    dtype = torch.promote_types(F.dtype, grad.dtype)
+    if E_p_a is not None:
+        dtype = torch.promote_types(dtype, E_p_a.dtype)
+        E_p_a = E_p_a.to(dtype)
+    F, grad = F.to(dtype), grad.to(dtype)
     n1 = F.shape[-1]
     if grad.shape != F.shape[:-1]:
         raise ValueError(

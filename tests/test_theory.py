@@ -225,3 +225,19 @@ def test_float32_matches_float64_loosely() -> None:
     nat64 = theory.natural_gradient(F, grad)
     nat32 = theory.natural_gradient(F.float(), grad.float())
     torch.testing.assert_close(nat32.double(), nat64, rtol=1e-3, atol=1e-3)
+
+
+def test_mixed_precision_inputs_are_promoted() -> None:
+    """A float32 F (e.g. UnitFisher.matrix) with a float64 gradient works in float64."""
+    torch.manual_seed(0)
+    X = torch.randn(3, 40, 5, dtype=torch.float64)
+    F64 = X.mT @ X / 40
+    g = torch.randn(3, 5, dtype=torch.float64)
+    E_p_a = torch.randn(3, 4, dtype=torch.float32)
+    F32 = F64.float()
+    out = theory.natural_gradient(F32, g, damping=1e-3)
+    assert out.dtype == torch.float64
+    ref = torch.linalg.solve(F32.double() + 1e-3 * torch.eye(5, dtype=torch.float64), g)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    t2 = theory.theorem2(F32, g, E_p_a)
+    assert t2.bias_shift.dtype == torch.float64
