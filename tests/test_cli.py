@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from biasshift.cli import main
 from biasshift.reproduce import TIDY_COLUMNS
@@ -27,13 +26,6 @@ QUANTITIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (2 OpenMP threads on a busy 2-core box: ~50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def reproduce(name: str, tmp: Path, *extra: str) -> int:

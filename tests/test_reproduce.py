@@ -29,15 +29,6 @@ from biasshift.reproduce.plotting import save_figure, seed_band
 from biasshift.train import Plugin, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (2 OpenMP threads on a busy 2-core box: ~50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------------------------ registry
 def test_registry_holds_the_three_analyses_with_the_papers_presets() -> None:
     assert list(ANALYSES) == ["activation-median", "median-variance", "autoencoder",

@@ -27,14 +27,6 @@ from biasshift.train.tracking import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _synthetic(n_train: int = 32, n_test: int = 8, shape=(1, 2, 3), classes: int = 3,
                seed: int = 0) -> ArrayDataset:
     g = torch.Generator().manual_seed(seed)

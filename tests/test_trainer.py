@@ -28,15 +28,6 @@ from biasshift.train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (2 OpenMP threads on a busy 2-core box: ~50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def digits() -> ArrayDataset:
     return load_dataset("digits").subset(192, 60)

@@ -31,7 +31,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from biasshift._names import unknown_name_error
+from biasshift._names import select_modules
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -107,35 +107,12 @@ def resolve_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str,
     """
     named = {n: m for n, m in model.named_modules() if n}
     supported = {n: m for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)}
-    if layers is None:
-        chosen = list(supported)
-    elif callable(layers) and not isinstance(layers, nn.Module):
-        chosen = [n for n, m in supported.items() if layers(n, m)]
-    elif isinstance(layers, (str, nn.Module)):
-        raise TypeError(
-            "layers must be None, an iterable of names or modules, or a predicate "
-            f"(name, module) -> bool; got a single {type(layers).__name__}: wrap it in a list"
-        )
-    else:
-        by_id = {id(m): n for n, m in named.items()}
-        wanted: set[str] = set()
-        for item in layers:
-            if isinstance(item, str):
-                if item not in named:
-                    raise unknown_name_error("layer", item, list(supported) or list(named))
-                wanted.add(item)
-            elif isinstance(item, nn.Module):
-                if id(item) not in by_id:
-                    raise ValueError(
-                        f"layer {type(item).__name__} is not part of the model; supported layers "
-                        f"of the model: {', '.join(supported) or '(none)'}"
-                    )
-                wanted.add(by_id[id(item)])
-            else:
-                raise TypeError(
-                    f"layers must hold names (str) or nn.Module objects, got {type(item).__name__}"
-                )
-        chosen = [n for n in named if n in wanted]
+    chosen = select_modules(
+        model, layers, kind="layer",
+        default=lambda _n, m: isinstance(m, SUPPORTED_LAYERS),
+        pool=lambda _n, m: isinstance(m, SUPPORTED_LAYERS),
+        listing=lambda: f"supported layers of the model: {', '.join(supported) or '(none)'}",
+    )
     if not chosen:
         raise ValueError(
             f"no layer selected: UnitFisher tracks {_supported_names()} layers; the model's "

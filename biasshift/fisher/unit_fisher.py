@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from biasshift._names import unknown_name_error
+from biasshift._torch import model_device
 from biasshift.fisher.blocks import chunk_units
 from biasshift.fisher.capture import (
     Capture,
@@ -117,14 +118,6 @@ class LayerMoments:
 
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
 
 
 def _default_dtype(model: nn.Module) -> torch.dtype:
@@ -281,7 +274,7 @@ class UnitFisher:
         return Capture(self.model, self.specs, self.dtype)
 
     def _forward(self, inputs: Any) -> Any:
-        device = _model_device(self.model)
+        device = model_device(self.model)
 
         def move(x: Any) -> Any:
             return x.to(device, non_blocking=True) if isinstance(x, Tensor) and device else x

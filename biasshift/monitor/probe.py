@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from biasshift._names import unknown_name_error
+from biasshift._torch import model_device
 from biasshift.monitor.selection import (
     ModuleSpec,
     UnitDimSpec,
@@ -137,14 +138,6 @@ def _batches(probe: Tensor | Iterable[object], batch_size: int | None) -> Iterat
         yield x
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
 @torch.no_grad()
 def probe_statistics(
     model: nn.Module,
@@ -215,7 +208,7 @@ def probe_statistics(
 
         return hook
 
-    device = _model_device(model)
+    device = model_device(model)
     modes = {m: m.training for m in model.modules()}  # per module: some may be in eval already
     handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
     try:

@@ -31,7 +31,7 @@ from typing import Union
 from torch import nn
 
 from biasshift import activations as _ours
-from biasshift._names import unknown_name_error
+from biasshift._names import select_modules, unknown_name_error
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -100,43 +100,19 @@ def resolve_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, n
             (the message lists the monitorable module names).
         TypeError: ``modules`` is of an unsupported kind.
     """
-    named = dict(model.named_modules())
-    if modules is None:
-        chosen = {n: m for n, m in named.items() if is_activation(m)}
-        what = "no activation module found in the model"
-    elif callable(modules) and not isinstance(modules, nn.Module):
-        chosen = {n: m for n, m in named.items() if modules(n, m)}
-        what = "the predicate matched no module"
-    elif isinstance(modules, (str, nn.Module)):
-        raise TypeError(
-            "modules must be None, an iterable of names or modules, or a predicate "
-            f"(name, module) -> bool; got a single {type(modules).__name__}: wrap it in a list"
-        )
-    else:
-        by_id = {id(m): n for n, m in named.items()}
-        wanted: set[str] = set()
-        for item in modules:
-            if isinstance(item, str):
-                if item not in named:
-                    raise unknown_name_error("module", item, [n for n in named if n])
-                wanted.add(item)
-            elif isinstance(item, nn.Module):
-                if id(item) not in by_id:
-                    raise ValueError(
-                        f"module {type(item).__name__} is not part of the model; "
-                        + _monitorable_listing(model)
-                    )
-                wanted.add(by_id[id(item)])
-            else:
-                raise TypeError(
-                    f"modules must hold names (str) or nn.Module objects, got {type(item).__name__}"
-                )
-        chosen = {n: m for n, m in named.items() if n in wanted}
-        what = "the module list is empty"
-    if not chosen:
+    names = select_modules(
+        model, modules, kind="module",
+        default=lambda _n, m: is_activation(m), pool=lambda _n, _m: True,
+        listing=lambda: "monitorable modules: " + _monitorable_listing(model),
+    )
+    if not names:
+        what = ("no activation module found in the model" if modules is None
+                else "the predicate matched no module" if callable(modules)
+                else "the module list is empty")
         raise ValueError(f"{what}; nothing to monitor. Monitorable modules: "
                          + _monitorable_listing(model))
-    return chosen
+    named = dict(model.named_modules())
+    return {n: named[n] for n in names}
 
 
 def auto_unit_dim(model: nn.Module, name: str) -> Callable[[int], int]:
