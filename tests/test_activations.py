@@ -18,7 +18,7 @@ def _value_and_grad(module: torch.nn.Module, x: float) -> tuple[float, float]:
     t = torch.tensor([x], dtype=torch.float64, requires_grad=True)
     y = module(t)
     (g,) = torch.autograd.grad(y.sum(), t)
-    return float(y), float(g)
+    return float(y.detach()), float(g)
 
 
 @settings(max_examples=200, deadline=None)
