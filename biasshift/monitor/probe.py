@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pandas as pd
 import torch
@@ -174,7 +173,10 @@ def probe_statistics(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     chosen = resolve_modules(model, modules)
     rules = resolve_unit_dims(model, chosen, unit_dim)
-    store: dict[str, list[Any]] = {n: [] for n in chosen}  # tensors, or one running-sum tuple
+    # per module: running float64 sums of the finite values, their counts, the row count, the
+    # output dtype; and (medians) every batch's values with non-finite entries set to NaN
+    sums: dict[str, tuple[Tensor, Tensor, int, torch.dtype]] = {}
+    store: dict[str, list[Tensor]] = {n: [] for n in chosen}
     first_shape: dict[str, tuple[int, ...]] = {}
     units_seen: dict[str, int] = {}
 
@@ -191,24 +193,23 @@ def probe_statistics(
                     f"{shape} has {shape[d]} units along dim {d}, its first output had shape "
                     f"{first}")
             vals = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
-            if not medians:
-                # streaming: float64 sums of the finite values, no float64 copy of the batch
-                finite = torch.isfinite(vals)
-                kept = torch.where(finite, vals, torch.zeros((), dtype=vals.dtype,
-                                                             device=vals.device))
-                batch = (kept.sum(0, dtype=torch.float64), finite.sum(0), vals.shape[0],
-                         vals.dtype if vals.dtype in (torch.float32, torch.float64)
-                         else torch.float32)
-                if store[name]:
-                    s0, c0, n0, dt = store[name][0]
-                    batch = (s0 + batch[0], c0 + batch[1], n0 + batch[2], dt)
-                store[name] = [batch]
-                return
-            if vals.dtype not in (torch.float32, torch.float64):
-                vals = vals.float()  # a copy already
-            elif vals.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                vals = vals.clone()  # a view of the output: the model may overwrite it
-            store[name].append(vals)
+            # streaming (per batch, cache-friendly): float64 sums of the finite values
+            finite = torch.isfinite(vals)
+            kept = torch.where(finite, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+            batch = (kept.sum(0, dtype=torch.float64), finite.sum(0), vals.shape[0],
+                     vals.dtype if vals.dtype in (torch.float32, torch.float64) else torch.float32)
+            if name in sums:
+                s0, c0, n0, dt = sums[name]
+                batch = (s0 + batch[0], c0 + batch[1], n0 + batch[2], dt)
+            sums[name] = batch
+            if medians:
+                # a float32/float64 copy (the model may overwrite its output) with NaN for
+                # non-finite values, which exact_median leaves out
+                if vals.dtype in (torch.float32, torch.float64):
+                    vals = vals.clone()
+                else:
+                    vals = vals.float()
+                store[name].append(vals.masked_fill_(~finite, float("nan")))
 
         return hook
 
@@ -229,22 +230,17 @@ def probe_statistics(
     median: dict[str, Tensor] = {}
     nonfinite: dict[str, Tensor] = {}
     samples: dict[str, int] = {}
-    for n, parts in store.items():
-        if not parts:
+    for n in chosen:
+        if n not in sums:
             raise RuntimeError(
                 f"module {n!r} was never called while running the probe; is it part of the forward?"
             )
-        if not medians:
-            total, count, n_rows, dtype = parts[0]
-            mean[n] = (total / count).to(dtype)  # 0/0 -> NaN for a unit with no finite value
-            nonfinite[n] = n_rows - count
-            samples[n] = n_rows
-            continue
-        v = torch.cat(parts)
-        finite = torch.isfinite(v)
-        nonfinite[n] = (~finite).sum(dim=0)
-        v = torch.where(finite, v, torch.full_like(v, float("nan")))
-        mean[n] = torch.nanmean(v.double(), dim=0).to(v.dtype)
-        median[n] = exact_median(v, dim=0)
-        samples[n] = v.shape[0]
+        total, count, n_rows, dtype = sums[n]
+        mean[n] = (total / count).to(dtype)  # 0/0 -> NaN for a unit with no finite value
+        nonfinite[n] = n_rows - count
+        samples[n] = n_rows
+        if medians:
+            parts = store.pop(n)  # free each module's copy as soon as its median is known
+            median[n] = exact_median(parts[0] if len(parts) == 1 else torch.cat(parts), dim=0)
+            del parts
     return ProbeStatistics(mean=mean, median=median, nonfinite=nonfinite, samples=samples)
