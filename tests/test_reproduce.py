@@ -267,13 +267,17 @@ def test_plots_state_what_was_run(name: str, quick: bool, tmp_path) -> None:
     title = fig._suptitle.get_text()
     assert ("quick preset" in title) == quick
     assert "digits" in title and "3 epochs" in title and "2 seeds" in title
-    n_axes = {"activation-median": 2, "median-variance": 1, "autoencoder": 2}[name]
+    n_axes = {"activation-median": 2, "median-variance": 2, "autoencoder": 2}[name]
     assert len(fig.axes) == n_axes
     if name != "median-variance":
         labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
         assert "ReLU (1/2 diverged)" in labels and "ELU" in labels
     else:
-        assert fig.axes[0].get_yscale() == "symlog"  # zero variances stay visible
+        assert fig.axes[0].get_yscale() == "log"
+        # units with zero variance are not hidden: their share is written above each box
+        # (_frame: 1 of 5 units per layer and run has variance 0)
+        shares = [t.get_text() for t in fig.axes[0].texts if t.get_text().endswith("%")]
+        assert shares == ["20%"] * 4
     paths = save_figure(fig, tmp_path / name)
     assert [p.suffix for p in paths] == [".png", ".pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

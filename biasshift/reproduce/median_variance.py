@@ -136,36 +136,59 @@ class MedianVariance(Analysis):
         return [MedianChangeVariance()]
 
     def plot(self, df: pd.DataFrame, settings: Settings) -> Figure:
+        """(a) per layer and activation, boxes of the units' variances on a log scale, over the
+        units whose median changed at all, with the share of units whose median never changed
+        (variance exactly 0, e.g. ReLU units with median 0 every epoch) written above each box;
+        (b) per layer the mean variance over all units (zeros included)."""
         import seaborn as sns
 
-        fig, (ax,) = new_figure(1, width=7.5, height=4.5)
+        fig, (ax, ax_mean) = new_figure(2, width=6.5, height=4.5)
         data = df[df["quantity"] == MedianChangeVariance.quantity].copy()
         data = data[np.isfinite(data["value"].to_numpy(dtype=float))]
         acts = ordered(data["activation"], settings.activations)
         layers = sorted(data["layer"].unique(), key=lambda s: (len(s), s))
+        ax.set_title("a  per-unit variance (units whose median changed)", loc="left",
+                     fontsize="medium")
+        ax_mean.set_title("b  mean over all units of a layer (zeros included)", loc="left",
+                          fontsize="medium")
         if data.empty:
-            ax.text(0.5, 0.5, "no finite per-unit variances (all runs diverged?)",
-                    ha="center", va="center", transform=ax.transAxes)
+            for a in (ax, ax_mean):
+                a.text(0.5, 0.5, "no finite per-unit variances (all runs diverged?)",
+                       ha="center", va="center", transform=a.transAxes)
         else:
+            labels = [activation_label(a) for a in acts]
+            palette = [activation_color(a) for a in acts]
             data["activation"] = data["activation"].map(activation_label)
-            sns.boxplot(data=data, x="layer", y="value", hue="activation", order=layers,
-                        hue_order=[activation_label(a) for a in acts],
-                        palette=[activation_color(a) for a in acts], ax=ax, fliersize=2,
-                        linewidth=0.8)
-            values = data["value"].to_numpy(dtype=float)
-            positive = values[values > 0]
-            if (values <= 0).any():
-                floor = 10.0 ** np.floor(np.log10(positive.min())) if positive.size else 1e-12
-                ax.set_yscale("symlog", linthresh=floor)
-                ax.set_ylim(bottom=0.0)
-                zeros = int((values == 0).sum())
-                ax.set_ylabel(f"variance of the median's change per epoch\n(symlog; {zeros} "
-                              f"of {values.size} units: zero)")
-            else:
-                ax.set_yscale("log")
-                ax.set_ylabel("variance of the median's change per epoch")
-            ax.legend(title=None, fontsize="small")
-        ax.set_xlabel("hidden layer")
+            positive = data[data["value"] > 0]
+            if not positive.empty:
+                sns.boxplot(data=positive, x="layer", y="value", hue="activation", order=layers,
+                            hue_order=labels, palette=palette, ax=ax, fliersize=2,
+                            linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_ylabel("variance of the median's change per epoch")
+            # the share of units with zero variance, above each box (seaborn's dodge layout)
+            zero = data.assign(z=data["value"] <= 0).groupby(["layer", "activation"])["z"].mean()
+            width = 0.8 / max(len(labels), 1)
+            for i, layer in enumerate(layers):
+                for j, lab in enumerate(labels):
+                    if (layer, lab) not in zero.index:
+                        continue
+                    x = i - 0.4 + (j + 0.5) * width
+                    ax.text(x, 1.0, f"{100 * zero[(layer, lab)]:.0f}%", ha="center", va="bottom",
+                            fontsize="x-small", color=palette[j],
+                            transform=ax.get_xaxis_transform())
+            ax.text(0.0, -0.16, "above boxes: % of units whose median never changed (variance 0)",
+                    fontsize="x-small", transform=ax.transAxes)
+            sns.barplot(data=data, x="layer", y="value", hue="activation", order=layers,
+                        hue_order=labels, palette=palette, ax=ax_mean, estimator="mean",
+                        errorbar=None)
+            ax_mean.set_yscale("log")
+            ax_mean.set_ylabel("mean variance of the median's change")
+            for a in (ax, ax_mean):
+                if a.get_legend() is not None:
+                    a.legend(title=None, fontsize="small")
+        for a in (ax, ax_mean):
+            a.set_xlabel("hidden layer")
         width = settings.model.get("width")
         depth = settings.model.get("depth")
         units = data.groupby("activation")["run"].nunique()
