@@ -148,7 +148,7 @@ class MedianVariance(Analysis):
         acts = ordered(data["activation"], settings.activations)
         layers = sorted(data["layer"].unique(), key=lambda s: (len(s), s))
         ax.set_title("a  per-unit variance (units whose median changed)", loc="left",
-                     fontsize="medium")
+                     fontsize="medium", pad=14)  # room for the shares above the boxes
         ax_mean.set_title("b  mean over all units of a layer (zeros included)", loc="left",
                           fontsize="medium")
         if data.empty:
