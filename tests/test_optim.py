@@ -21,6 +21,9 @@ from biasshift.optim import UnitNaturalGradient
 from biasshift.theory import SingularFisherError
 
 F64 = torch.float64
+#: the settings under which a step is exactly ``-lr (F + damping I)^-1 g`` with the latest
+#: statistics: no trust region, absolute damping, statistics on every step
+EXACT = dict(kl_clip=None, damping_mode="absolute", update_every=1)
 
 
 # ------------------------------------------------------------------------------ references
@@ -108,7 +111,7 @@ def test_mlp_step_equals_dense_damped_solve(form: str, damping: float, device) -
     before = {n: unit_params(model[int(n)]) for n in ref}
     lr = 0.3
     opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.0, inverse_every=1,
-                              factor=form)
+                              factor=form, **EXACT)
     assert opt.layers == ["0", "2", "4"]
     train_step(model, opt, x, y)
     for name, (Fu, g) in ref.items():
@@ -126,7 +129,7 @@ def test_conv_step_equals_dense_damped_solve(form: str) -> None:
     before = {n: unit_params(model[int(n)]) for n in ref}
     lr, damping = 0.1, 1e-3
     opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.0, inverse_every=1,
-                              factor=form)
+                              factor=form, **EXACT)
     train_step(model, opt, x, y)
     for name, (Fu, g) in ref.items():
         expected = before[name] - lr * solve(Fu, g, damping)
@@ -153,7 +156,7 @@ def test_conv_fisher_matches_unit_fisher_pairs() -> None:
 def test_ema_over_batches_equals_hand_computed_ema() -> None:
     model = mlp(4)
     ema, lr, damping = 0.7, 0.05, 1e-3
-    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema, inverse_every=1)
+    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema, inverse_every=1, **EXACT)
     S: dict[str, torch.Tensor] = {}
     for t in range(4):
         x, y = batch(10 + t)
@@ -169,26 +172,34 @@ def test_ema_over_batches_equals_hand_computed_ema() -> None:
 
 
 def test_update_every_and_inverse_every() -> None:
+    """Statistics on every 2nd step; factors refreshed on the first step with statistics, then
+    when half of the EMA's weight is newer than the factors or ``inverse_every`` steps have
+    passed (the schedule replayed by hand)."""
     model = mlp(5)
-    ema, lr, damping = 0.5, 0.05, 1e-2
+    ema, lr, damping = 0.8, 0.05, 1e-2
     opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema, update_every=2,
-                              inverse_every=3)
+                              inverse_every=5, kl_clip=None, damping_mode="absolute")
     S, used = None, None  # EMA sum for layer "0"; the F̂ the factors were computed from
-    updates = 0
-    for t in range(7):
+    updates, mass, mass_r, new_updates, since = 0, 0.0, 0.0, 0, 0
+    refreshes = []
+    for t in range(14):
         x, y = batch(20 + t)
         Fu, g = reference_blocks(model, x, y)["0"]
         before = unit_params(model[0])
         if t % 2 == 0:  # update step
             S = ema * (0 if S is None else S) + (1 - ema) * Fu
-            updates += 1
+            updates, mass, new_updates = updates + 1, ema * mass + 1 - ema, new_updates + 1
         F_hat = S / (1 - ema**updates)
-        if t % 3 == 0:  # refresh step (the EMA changed since the last refresh every time)
-            used = F_hat
+        moved = 1 - ema**new_updates * mass_r / mass >= 0.5
+        if used is None or (new_updates and (since >= 5 or moved)):
+            used, mass_r, new_updates, since = F_hat, mass, 0, 0
+            refreshes.append(t)
+        since += 1
         train_step(model, opt, x, y)
         assert rel_err(opt.fisher("0"), F_hat) < 1e-10, t
         expected = before - lr * solve(used, g, damping)
         assert rel_err(unit_params(model[0]), expected) < 1e-10, t
+    assert refreshes == [0, 2, 6, 11]  # the EMA moves fast at first, then inverse_every rules
 
 
 def test_wide_layer_updates_only_the_lower_triangle_but_exactly() -> None:
@@ -197,7 +208,7 @@ def test_wide_layer_updates_only_the_lower_triangle_but_exactly() -> None:
     torch.manual_seed(24)
     model = nn.Sequential(nn.Linear(400, 3)).to(F64)
     ema, lr, damping = 0.6, 0.2, 1e-3
-    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema, inverse_every=1)
+    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema, inverse_every=1, **EXACT)
     S = 0
     for t in range(2):
         x, y = batch(32 + t, n=12, shape=(400,))
@@ -294,7 +305,7 @@ def test_modules_selection_leaves_other_layers_to_sgd() -> None:
     x, y = batch(50)
     Fu, g = reference_blocks(model, x, y)["2"]
     before = unit_params(model[2])
-    opt = UnitNaturalGradient(model, lr=0.1, damping=1e-3, ema=0.0, modules=["2"])
+    opt = UnitNaturalGradient(model, lr=0.1, damping=1e-3, ema=0.0, modules=["2"], **EXACT)
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
     assert opt.layers == ["2"]
     train_step(model, opt, x, y)
@@ -320,7 +331,7 @@ def test_param_groups_lr_and_bias_not_owned() -> None:
     bias4 = model[4].bias.detach().clone()
     groups = [{"params": [model[0].weight, model[0].bias], "lr": 0.2},
               {"params": [model[2].weight, model[4].weight], "lr": 0.05}]
-    opt = UnitNaturalGradient(groups, damping=1e-3, ema=0.0, modules=model)
+    opt = UnitNaturalGradient(groups, damping=1e-3, ema=0.0, modules=model, **EXACT)
     assert opt.layers == ["0", "2", "4"]
     train_step(model, opt, x, y)
     Fu, g = ref["0"]
@@ -393,7 +404,7 @@ class _NaNGradForUnit0(torch.autograd.Function):
 
 def test_nonfinite_batch_never_enters_the_fisher() -> None:
     model = mlp(13)
-    opt = UnitNaturalGradient(model, lr=0.01, ema=0.5)
+    opt = UnitNaturalGradient(model, lr=0.01, ema=0.5, update_every=1, on_divergence="warn")
     x, y = batch(90)
     train_step(model, opt, x, y)
     before = opt.fisher("0").clone()
@@ -401,7 +412,12 @@ def test_nonfinite_batch_never_enters_the_fisher() -> None:
     out = model[4](model[3](model[2](model[1](h))))
     opt.zero_grad()
     F.cross_entropy(out, y).backward()
-    opt.step()
+    # unit 0's direction is NaN: it is not moved, and that is reported at the next refresh
+    # (here the refresh of layer "2" in the same step)
+    with pytest.warns(RuntimeWarning, match="layer '0': a non-finite natural-gradient step at "
+                      "step 1"):
+        opt.step()
+    assert torch.isfinite(model[0].weight).all()
     after = opt.fisher("0")
     assert torch.isfinite(after).all()
     assert torch.equal(after[0], before[0])  # unit 0 skipped this batch
@@ -430,7 +446,8 @@ def test_step_without_statistics_is_sgd_and_warns() -> None:
 def test_overflowed_fisher_falls_back_to_the_gradient_with_a_warning() -> None:
     model = mlp(23)
     lr, damping = 0.1, 1e-2
-    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.5, inverse_every=1)
+    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.5, inverse_every=1, **EXACT,
+                              on_divergence="warn")
     train_step(model, opt, *batch(95))
     running = opt._layers[0].running
     x, y = batch(96)

@@ -4,68 +4,90 @@ Clevert, Unterthiner & Hochreiter, ICLR 2016, Section 2: for unit ``i`` with inc
 ``ã = (1, a)`` the unit Fisher is ``F = E_p(δ² ã ãᵀ) = [[c, bᵀ], [b, A]]`` and the unit natural
 gradient of ``(g₀, g)`` is (Theorem 1)::
 
-    s = (c − bᵀA⁻¹b)⁻¹,   Δw₀ = s (g₀ − bᵀA⁻¹g),   Δw = A⁻¹g − Δw₀ A⁻¹b.
+    s = (c − bᵀA⁻¹b)⁻¹,   Δw₀ = s (g₀ − bᵀA⁻¹g),   Δw = A⁻¹g − Δw₀ A⁻¹b,
 
-:class:`UnitNaturalGradient` keeps a running (EMA) empirical unit Fisher per unit of every
-``nn.Linear``/``nn.Conv2d`` layer (see :mod:`biasshift.optim.running_fisher`), damps it
-(``F + λI``, the bias entry too), refreshes Theorem 1's factors every ``inverse_every`` steps
-(:func:`biasshift.theory.natural_gradient_factors`) and steps every unit's ``(bias, weight)`` by
-``−lr · (F + λI)⁻¹ (g₀, g)`` (:func:`biasshift.theory.apply_natural_gradient`).  Every other
-parameter gets plain SGD, ``p ← p − lr·grad``.
+which is the vector ``F⁻¹(g₀, g)``.  :class:`UnitNaturalGradient` keeps a running (EMA)
+empirical unit Fisher per unit of every ``nn.Linear``/``nn.Conv2d`` layer
+(:mod:`biasshift.optim.running_fisher`), damps it, factors it by Cholesky
+(:mod:`biasshift.optim.block_solve`: the whole block, so nothing cancels) and moves every unit's
+``(bias, weight)`` along ``d = (F̂ + λI)⁻¹ (g₀, g)``.  Every other parameter gets plain SGD.
 
-Per step and layer
-    * on a step with ``step_index % update_every == 0`` (counting from 0) the hooks record the
-      training forward/backward passes before it and :meth:`~UnitNaturalGradient.step` folds them
-      into the EMA (chunked batched matmuls; for blocks of 384 rows or more only the block lower
-      triangle, 5/8 of the work);
-    * on a step with ``step_index % inverse_every == 0`` (and on the first step that has
-      statistics) the factors are refreshed if the EMA changed since the last refresh: a batched
-      Cholesky of ``A + λI``, ``A⁻¹`` (form ``"inverse"``) or the factor (``"cholesky"``),
-      ``A⁻¹b`` and ``s``.  This is the only place with a host synchronisation (the
-      positive-definiteness check);
-    * the direction is one batched vector-matrix product (``"inverse"``) or ``cholesky_solve``
-      (``"cholesky"``) per layer.  A unit without statistics yet (before its first finite
-      batch) moves along the plain gradient.
+What makes it stable (the three mechanisms, each on by default)
+    1. **Damping relative to each block's scale** (``damping_mode="relative"``):
+       ``λ_u = ρ · tr(F̂_u)/m``, the damping ``ρ`` times the block's mean diagonal entry.
+       ``E_p(δ²)`` falls several-fold during training and differs twenty-fold between
+       layers, so an absolute ``λ`` means strong damping in one layer and none in another.
+       A relative ``ρ`` means the same everywhere: the step is at most ``1/(ρ · mean diag)``
+       times the gradient in directions the Fisher has not seen, and
+       ``cond(F̂_u + λ_u I) ≤ m/ρ + 1`` (``λ_max ≤ tr``).  ``damping_mode="absolute"`` adds
+       ``λ = ρ`` as given.
+    2. **A trust region on every step** (``kl_clip``, as in K-FAC: Martens & Grosse 2015, and
+       KFAC-Pytorch's ``kl_clip``).  The step ``lr·d`` changes the model's predictive
+       distribution by ``KL ≈ ½ lr² dᵀF d ≤ ½ lr² gᵀ(F + λI)⁻¹g``.  Each param group's natural
+       directions are scaled by::
+
+           ν = min(1, sqrt(κ / Σ_p lr_p² g_pᵀ d_p)),
+
+       so the quadratic model of the KL stays below ``κ/2`` whatever ``lr`` is.  This covers
+       the case the stale factors would otherwise blow up: if the gradient moves into
+       directions where the factors hold only the damping, ``gᵀ(F + λI)⁻¹g`` grows and ``ν``
+       shrinks the step.  With momentum ``μ`` the clip budgets the steady-state step:
+       ``lr_p`` is replaced by ``lr_p (1 − dampening)/(1 − μ)`` (Nesterov:
+       ``lr_p (1 + μ (1 − dampening)/(1 − μ))``).  ``kl_clip=None`` turns it off.
+    3. **Factors that never act long on little data.**  The EMA is bias-corrected (its first
+       value is the first batch).  Until it holds ``⌈1/(1 − ema)⌉`` batches (its memory, 20 at
+       ``ema = 0.95``) it is updated on every step, and only then every ``update_every``
+       steps.  The factors of a layer are refreshed on the first step with statistics.
+       After that they are refreshed whenever the EMA has moved enough, and at least every
+       ``inverse_every`` steps.  "Moved enough" means that at least
+       half of the EMA's weight comes from batches newer than the factors:
+       ``1 − ema^k · w_r / w ≥ ½`` after ``k`` updates.  The test is computed on the host
+       from the update count, with no synchronisation.  Early in training, when each update
+       doubles the EMA's weight, this refreshes after nearly every update.  Later it
+       refreshes every ``log ½ / log ema`` updates (14 at ``ema = 0.95``).
+
+Divergence
+    A non-finite natural direction never reaches the parameters: the unit is left where it
+    is for that step, and the event is recorded on the device.  At the next refresh (at most
+    ``inverse_every`` steps later; the refresh synchronises with the host anyway) the
+    optimiser raises :class:`DivergenceError` (``on_divergence="raise"``, the default) or
+    warns (``"warn"``).  It does the same when a layer's Fisher scale has grown more than
+    ``explode_factor`` times since its first refresh, or when the closure's loss is not
+    finite.  The message names the layer and the step and suggests settings.
+
+torch.optim idioms
+    Every hyperparameter is in ``defaults`` and can be set per param group: ``lr``,
+    ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` (as in ``torch.optim.SGD``,
+    applied to the clipped natural direction as K-FAC does), ``damping``, ``damping_mode``,
+    ``ema``, ``kl_clip``, ``update_every`` and ``inverse_every``.  The layer-level ones
+    (``damping``, ``damping_mode``, ``ema``, ``update_every``, ``inverse_every``) are read from
+    the group that holds the layer's weight.  ``lr_scheduler`` works as with SGD.
+    ``state_dict()`` has the standard layout (``state`` by parameter index, ``param_groups``).
+    A layer's running Fisher, its factors and its schedule are in the state of its weight,
+    with the symmetric and triangular blocks packed to their lower triangles.  A checkpoint
+    resumes bit-identically.
 
 Which passes count
     The statistics of a step are those of the backward passes that accumulated into the
-    layers' ``weight.grad`` since the last ``step()`` or ``zero_grad()`` while the module was in
-    training mode with gradients enabled: exactly the passes that made the gradient being
-    applied.  Forward passes under ``no_grad``/``inference_mode`` or in eval mode, forward passes
-    never followed by ``backward()``, and ``torch.autograd.grad`` calls (e.g.
-    :meth:`biasshift.UnitFisher.accumulate` or a tracking plug-in between ``backward()`` and
-    ``step()``) are ignored.  Several backward passes before one step (gradient accumulation)
-    form one batch (their samples pooled); clear stale gradients with the optimiser's
-    ``zero_grad`` (``model.zero_grad()`` does not reach the optimiser's records).
+    layers' ``weight.grad`` since the last ``step()`` or ``zero_grad()``, while the module was
+    in training mode with gradients enabled: exactly the passes that made the gradient
+    being applied.  Forward passes under ``no_grad``/``inference_mode`` or in eval mode,
+    forward passes never followed by ``backward()``, and ``torch.autograd.grad`` calls are
+    ignored.  Several backward passes before one step (gradient accumulation) form one batch.
 
-Choosing ``lr`` and ``damping``
-    In directions where the Fisher is large against ``λ`` the step is the natural gradient
-    ``lr·F⁻¹g``; where it is small it is SGD with rate ``lr/λ``.  For the empirical Fisher of a
-    batch, each unit's natural-gradient step lowers the batch loss by at most ``lr`` to first
-    order (``gᵀF⁻¹g = E(v)ᵀE(vvᵀ)⁻¹E(v) < 1``, the paper's appendix identity), and the steps of
-    all units add up: the 8×128 MNIST net has 1034 units, so ``lr`` has to be about ``1e-3``
-    where SGD uses ``1e-2``, and ``lr/λ`` must be a stable SGD rate (about 0.1 or less).
-    Measured on that net (seed 0, batch 64): with the defaults ``lr=1e-3, damping=1e-2`` all
-    four units train, e.g. after 2 epochs on a 10k MNIST subset a training loss of 0.10 (ELU),
-    0.12 (ReLU), 0.11 (LReLU), 0.10 (SReLU) against SGD's (lr 0.01) 0.28 (ELU) and 0.74
-    (ReLU); ``lr=3e-3, damping=1e-2`` and (ELU) ``lr=3e-4, damping=1e-3`` train as well or
-    better; ``lr=1e-3, damping=1e-3`` and ``lr=0.01`` with ``damping <= 0.03`` diverge on the
-    digits; ``lr=0.01, damping=0.1`` is stable but no better than SGD (the damping dominates).
-
-Cost
-    Per layer and update ``units · rows · (n+1)²`` multiply-adds (``rows`` = samples ×
-    positions), per refresh a Cholesky and an inverse of every ``(n+1)²`` block, per step a
-    vector-matrix product per unit.  For the 8×128 MNIST net that is dominated by the first
-    layer (128 blocks of 785²): a few hundred times an SGD step on one CPU core at the
-    defaults, tens of times with ``update_every=5, inverse_every=50`` (see
-    ``analyses/bench_optim.py``); on a GPU these are large batched matmuls.
+Cost (measured in ``analyses/bench_optim.py``)
+    Per update, ``units · rows · (n+1)²`` multiply-adds per layer (only the block lower
+    triangle for blocks of 384 rows or more).  Per refresh, one batched Cholesky.  Per step,
+    two triangular solves per unit.  On a CPU these run in chunks that fit in cache, so each
+    step streams every factor from memory once.  The per-step solves are memory-bound: on the
+    8×128 MNIST net they read the first layer's 128 lower triangles of 786² (158 MB in
+    float32) on every step.
 
 Memory
     Per layer ``units × (n+1)²`` entries for the EMA and as many for the factors (8×128 MNIST
-    net, float32: 0.70 GiB, 84 % of it in the first layer's 128 blocks of 785²).  The
-    constructor refuses more than ``max_state_bytes`` in all (choose layers with ``modules=``).
-    The state dict holds both, so that a checkpoint resumes bit-identically on the CPU (a
-    trainer checkpoint of that net is about 0.7 GiB).
+    net, float32: 0.70 GiB).  The constructor refuses more than ``max_state_bytes`` in all
+    (choose layers with ``modules=``).  A checkpoint holds the packed lower triangles, half
+    of that.
 """
 
 from __future__ import annotations
@@ -79,22 +101,34 @@ import torch
 from torch import Tensor, nn
 
 from biasshift.fisher.capture import SUPPORTED_LAYERS, LayerSpec, resolve_layers
+from biasshift.optim.block_solve import FORMS, BlockFactors, pack_tril, unpack_tril
 from biasshift.optim.running_fisher import REDUCTIONS, RunningLayerFisher, stat_dtype
-from biasshift.theory import (
-    FACTOR_FORMS,
-    NaturalGradientFactors,
-    _raise_singular,
-    apply_natural_gradient,
-    natural_gradient_factors,
-)
+from biasshift.theory import _raise_singular
 
-__all__ = ["UnitNaturalGradient"]
+__all__ = ["DAMPING_MODES", "DivergenceError", "UnitNaturalGradient"]
 
 _STATE_KEY = "unit_natural_gradient"
+_STATE_VERSION = 2
+DAMPING_MODES = ("relative", "absolute")
+DIVERGENCE_ACTIONS = ("raise", "warn")
 
 ModuleSelection = Union[  # noqa: UP007
     nn.Module, Iterable[Union[str, nn.Module]], Callable[[str, nn.Module], bool], None  # noqa: UP007
 ]
+
+
+class DivergenceError(FloatingPointError):
+    """Raised by :class:`UnitNaturalGradient` when a step is non-finite or the Fisher explodes.
+
+    Attributes:
+        layer: the layer's name (``None`` for a non-finite closure loss).
+        step: the step at which it was detected.
+    """
+
+    def __init__(self, message: str, *, layer: str | None, step: int) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.step = step
 
 
 def _supported(model: nn.Module) -> dict[str, nn.Module]:
@@ -102,7 +136,7 @@ def _supported(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class _Layer:
-    """One preconditioned layer: its running Fisher, Theorem 1's factors, its parameters."""
+    """One preconditioned layer: its running Fisher, its factors, its schedule."""
 
     def __init__(self, spec: LayerSpec, bias: bool, running: RunningLayerFisher) -> None:
         self.spec = spec
@@ -110,17 +144,25 @@ class _Layer:
         # the bias is in the block only when the optimiser owns it
         self.bias: Tensor | None = spec.module.bias if bias else None  # type: ignore[assignment]
         self.running = running
-        self.factors: NaturalGradientFactors | None = None
-        self.observed: Tensor | None = None
+        self.factors: BlockFactors | None = None
+        self.observed: Tensor | None = None  # units that use their factors
         self.dirty = False  # the EMA changed since the factors were computed
         self.warned = False
+        self.step = 0  # this layer's step counter (its group's schedule)
+        self.mass = 0.0  # EMA weight of a unit that saw every update (host-side, exact)
+        self.mass_at_refresh = 0.0
+        self.updates_since_refresh = 0
+        self.steps_since_refresh = 0
+        self.scale0: float | None = None  # mean diagonal at the first refresh
+        self.nonfinite: Tensor | None = None  # device flag: a non-finite direction since check
+        self.first_bad_step: Tensor | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
-    def n1(self) -> int:
+    def m(self) -> int:
         return self.spec.n + int(self.bias is not None)
 
     def fisher_hat(self, symmetric: bool = True) -> tuple[Tensor, Tensor]:
@@ -130,30 +172,43 @@ class _Layer:
             F = F[:, 1:, 1:]  # the bias is not optimised here: only the weight block
         return F, observed
 
+    def new_fraction(self, ema: float) -> float:
+        """The share of the EMA's weight from batches newer than the factors."""
+        if self.mass <= 0:
+            return 0.0
+        return 1.0 - ema**self.updates_since_refresh * self.mass_at_refresh / self.mass
+
 
 class UnitNaturalGradient(torch.optim.Optimizer):
     r"""Precondition every unit's ``(bias, weight)`` gradient by its damped unit Fisher.
 
-    The step of unit ``i`` of a ``nn.Linear``/``nn.Conv2d`` layer is
-    ``(w₀, w) ← (w₀, w) − lr · (F̂ + λI)⁻¹ (g₀, g)`` computed by Theorem 1's block formula, with
-    ``F̂`` the bias-corrected exponential moving average of the empirical unit Fisher of the
-    training batches (module docstring, :mod:`biasshift.optim.running_fisher`); every other
-    parameter steps ``p ← p − lr · grad``.  With ``ema=0`` and ``inverse_every=1`` each step uses
-    exactly the current batch's blocks.
+    The direction of unit ``u`` of a ``nn.Linear``/``nn.Conv2d`` layer is
+    ``d_u = (F̂_u + λ_u I)⁻¹ (g₀, g)_u``, Theorem 1's unit natural gradient of the damped
+    block, with ``F̂_u`` the bias-corrected exponential moving average of the empirical unit
+    Fisher of the training batches.  Each param group scales its natural directions by the
+    trust-region factor ``ν`` (``kl_clip``), then every parameter takes an SGD step
+    (momentum, weight decay, Nesterov as ``torch.optim.SGD``) along its direction: ``ν·d``
+    for the preconditioned weights and biases, the plain gradient for all others.  See the
+    module docstring for the maths of the damping, the trust region and the refresh schedule.
 
     Args:
         params_or_model: an ``nn.Module`` (its Linear/Conv2d layers get the natural gradient,
             all other parameters SGD), or an iterable of parameters or param groups (then pass
             ``modules=``: parameters cannot be hooked).  A layer gets the natural gradient when
-            its weight is among the parameters (and requires grad); its bias is in the block
-            when it is among them too, else the weight block ``A`` alone is used.
-        lr: learning rate (per param group, as in ``torch.optim.SGD``); see "Choosing lr and
-            damping" in the module docstring.
-        damping: ``λ ≥ 0`` added to every block's diagonal, bias entry included.
+            its weight is among the parameters (and requires grad).  Its bias is in the block
+            when it is among them too; otherwise the weight block ``A`` alone is used.
+        lr: learning rate.  ``kl_clip`` bounds every step, so the SGD learning rates of the
+            paper (0.01 to 0.1) are stable.
+        damping: ``ρ ≥ 0``: with ``damping_mode="relative"`` ``λ_u = ρ · tr(F̂_u)/m``, with
+            ``"absolute"`` ``λ_u = ρ``.  The bias entry is damped too.
         ema: decay of the moving average, in ``[0, 1)``; ``0`` keeps only the latest batch.
-        update_every: fold the training batch into the EMA on every ``update_every``-th step
-            (the hooks are idle on the others).
-        inverse_every: refresh Theorem 1's factors every ``inverse_every``-th step.
+        momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        kl_clip: ``κ > 0`` of the trust region, or ``None`` for unclipped steps.
+        damping_mode: ``"relative"`` or ``"absolute"``.
+        update_every: fold the training batch into the EMA on every ``update_every``-th step of
+            the layer (the hooks are idle on the others).
+        inverse_every: refresh the factors at least every ``inverse_every`` steps (and earlier
+            when the EMA has moved, see the module docstring).
         reduction: how the training loss reduces over the batch (dimension 0): ``"mean"``
             (``δ = −N · grad_output``) or ``"sum"`` (``δ = −grad_output``).
         modules: which layers get the natural gradient.  Given a model: ``None`` (all its
@@ -162,26 +217,27 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             parameters: the model (or an iterable of its layers) owning them.
         dtype: dtype of the statistics and factors (default float32, float64 for float64
             layers).
-        factor: ``"inverse"`` (keep ``A⁻¹``; one batched vector-matrix product per step) or
-            ``"cholesky"`` (keep ``chol(A)``; one ``cholesky_solve`` per step, cheaper
-            refreshes).
+        factor: ``"cholesky"`` (default, backward stable) or ``"inverse"`` (an explicit
+            inverse: one vector-matrix product per step, see
+            :mod:`biasshift.optim.block_solve` for when it is accurate).
+        on_divergence: ``"raise"`` a :class:`DivergenceError` or ``"warn"``.
+        explode_factor: growth of a layer's Fisher scale (mean diagonal) since its first
+            refresh that counts as divergence.
         memory_budget: bytes for the temporaries of one chunk of units in the Fisher update.
         max_state_bytes: refuse layers whose EMA and factors need more bytes in all.
 
     Raises:
-        ValueError: no supported layer owns any of the parameters; bad hyperparameters; a layer
-            whose state exceeds ``max_state_bytes``; two layers sharing one weight.
+        ValueError: no supported layer owns any of the parameters; bad hyperparameters; a
+            layer whose state exceeds ``max_state_bytes``; two layers sharing one weight.
         biasshift.theory.SingularFisherError: at a refresh with ``damping=0``, a block is
-            singular (fewer samples than rows); the message gives the smallest eigenvalue and a
-            damping to use.  With ``damping > 0`` a block that is still not numerically positive
-            definite or not finite (only in a diverging run) gives a ``RuntimeWarning`` and its
-            unit takes the plain gradient until the next refresh.
+            singular (fewer samples than rows); the message gives a damping to use.
+        DivergenceError: see ``on_divergence``.
 
     Hooks are registered in the constructor and removed by :meth:`remove_hooks` (alias
     :meth:`close`), on leaving a ``with`` block, or when the optimiser is garbage-collected;
     after :meth:`remove_hooks` the optimiser keeps its last factors and stops updating them.
 
-    >>> opt = UnitNaturalGradient(model, lr=1e-3, damping=1e-2, ema=0.95)  # doctest: +SKIP
+    >>> opt = UnitNaturalGradient(model, lr=0.05)                          # doctest: +SKIP
     >>> loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
     >>> Trainer(model, data, epochs=10, optimizer=lambda m: UnitNaturalGradient(m))  # +SKIP
     """
@@ -189,40 +245,46 @@ class UnitNaturalGradient(torch.optim.Optimizer):
     def __init__(
         self,
         params_or_model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        damping: float = 1e-2,
+        lr: float = 0.01,
+        damping: float = 1e-3,
         ema: float = 0.95,
         *,
-        update_every: int = 1,
-        inverse_every: int = 20,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        kl_clip: float | None = 1e-3,
+        damping_mode: str = "relative",
+        update_every: int = 10,
+        inverse_every: int = 100,
         reduction: str = "mean",
         modules: ModuleSelection = None,
         dtype: torch.dtype | None = None,
-        factor: str = "inverse",
+        factor: str = "cholesky",
+        on_divergence: str = "raise",
+        explode_factor: float = 1e8,
         memory_budget: int = 2**28,
         max_state_bytes: int = 2**32,
     ) -> None:
         name = type(self).__name__
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-                lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"{name}: lr must be a positive finite number, got {lr!r}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
-                damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"{name}: damping must be a finite number >= 0 (F + damping*I), "
-                             f"got {damping!r}")
-        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
-            raise ValueError(f"{name}: ema must be in [0, 1) (F <- ema*F + (1-ema)*F_batch), "
-                             f"got {ema!r}")
-        for key, value in (("update_every", update_every), ("inverse_every", inverse_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {key} must be an integer >= 1, got {value!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if factor not in FACTOR_FORMS:
-            raise ValueError(f"{name}: factor must be one of {FACTOR_FORMS}, got {factor!r}")
+        if factor not in FORMS:
+            raise ValueError(f"{name}: factor must be one of {FORMS}, got {factor!r}")
+        if on_divergence not in DIVERGENCE_ACTIONS:
+            raise ValueError(f"{name}: on_divergence must be one of {DIVERGENCE_ACTIONS}, got "
+                             f"{on_divergence!r}")
+        if not (isinstance(explode_factor, (int, float)) and explode_factor > 1):
+            raise ValueError(f"{name}: explode_factor must be a number > 1, got "
+                             f"{explode_factor!r}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{name}: dtype must be torch.float32, torch.float64 or None, got "
                              f"{dtype!r}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, damping=damping,
+                        damping_mode=damping_mode, ema=ema, kl_clip=kl_clip,
+                        update_every=update_every, inverse_every=inverse_every)
+        _check_hyperparameters(defaults, name)
 
         if isinstance(params_or_model, nn.Module):
             model: nn.Module | None = params_or_model
@@ -245,21 +307,20 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             elif modules is not None:
                 raise TypeError(f"{name}: given parameters, modules= must be the model or its "
                                 "layers; a predicate needs the model as the first argument")
-        super().__init__(params, {"lr": float(lr)})
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyperparameters(group, name)
 
-        self.damping = float(damping)
-        self.ema = float(ema)
-        self.update_every = update_every
-        self.inverse_every = inverse_every
         self.reduction = reduction
         self.factor = factor
         self.dtype = dtype
+        self.on_divergence = on_divergence
+        self.explode_factor = float(explode_factor)
         self.memory_budget = int(memory_budget)
         self._step_count = 0
         self._layers: list[_Layer] = self._build_layers(model, selection, max_state_bytes)
-        owned = {id(p) for layer in self._layers for p in (layer.weight, layer.bias)
-                 if p is not None}
-        self._owned = owned
+        self._owned = {id(p) for layer in self._layers for p in (layer.weight, layer.bias)
+                       if p is not None}
         for layer in self._layers:
             layer.running.attach()
         self._set_recording()
@@ -319,6 +380,10 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             )
         return layers
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_hyperparameters(self.param_groups[-1], type(self).__name__)
+
     # ------------------------------------------------------------------ public helpers
     @property
     def layers(self) -> list[str]:
@@ -330,13 +395,25 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         """The number of :meth:`step` calls so far."""
         return self._step_count
 
+    # the first group's layer-level hyperparameters, for reading (set them per group)
+    damping = property(lambda self: self.param_groups[0]["damping"])
+    damping_mode = property(lambda self: self.param_groups[0]["damping_mode"])
+    ema = property(lambda self: self.param_groups[0]["ema"])
+    kl_clip = property(lambda self: self.param_groups[0]["kl_clip"])
+    update_every = property(lambda self: self.param_groups[0]["update_every"])
+    inverse_every = property(lambda self: self.param_groups[0]["inverse_every"])
+
     def fisher(self, layer: str) -> Tensor | None:
-        """The bias-corrected EMA unit Fisher ``(units, n1, n1)`` of ``layer`` (bias at index 0
+        """The bias-corrected EMA unit Fisher ``(units, m, m)`` of ``layer`` (bias at index 0
         when the layer's bias is optimised), undamped; ``None`` before its first update."""
         lay = self._layer(layer)
         if lay.running.fisher is None:
             return None
         return lay.fisher_hat()[0]
+
+    def factors(self, layer: str) -> BlockFactors | None:
+        """The factors the steps of ``layer`` use now (``None`` before its first refresh)."""
+        return self._layer(layer).factors
 
     def _layer(self, layer: str) -> _Layer:
         for lay in self._layers:
@@ -345,6 +422,13 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         from biasshift._names import unknown_name_error
 
         raise unknown_name_error("layer", layer, self.layers)
+
+    def _group(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise RuntimeError(f"{type(self).__name__}: a preconditioned parameter is in no param "
+                           "group")
 
     def remove_hooks(self) -> None:
         """Remove the hooks from the model; later steps reuse the last factors."""
@@ -361,13 +445,17 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         self.remove_hooks()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(lr={self.param_groups[0]['lr']}, damping={self.damping}, "
-                f"ema={self.ema}, update_every={self.update_every}, "
-                f"inverse_every={self.inverse_every}, layers={self.layers})")
+        g = self.param_groups[0]
+        keys = ("lr", "damping", "damping_mode", "ema", "kl_clip", "update_every",
+                "inverse_every")
+        return (f"{type(self).__name__}(" + ", ".join(f"{k}={g[k]!r}" for k in keys)
+                + f", layers={self.layers})")
 
     def _set_recording(self) -> None:
-        on = self._step_count % self.update_every == 0
         for layer in self._layers:
+            hp = self._group(layer.weight)
+            on = (layer.running.updates < _warmup_updates(hp["ema"])
+                  or layer.step % hp["update_every"] == 0)
             layer.running.recording = on and layer.running.attached
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -377,77 +465,165 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         for layer in self._layers:
             layer.running.discard()
 
-    # ------------------------------------------------------------------ the step
-    def _refresh(self, layer: _Layer) -> None:
-        # a fresh tensor (damped in place below); its lower triangle is all a Cholesky reads
+    # ------------------------------------------------------------------ the factors
+    def _due(self, layer: _Layer, hp: dict[str, Any]) -> bool:
+        if not layer.dirty:
+            return False
+        if layer.factors is None or layer.steps_since_refresh >= hp["inverse_every"]:
+            return True
+        return layer.new_fraction(hp["ema"]) >= 0.5
+
+    def _refresh(self, layer: _Layer, hp: dict[str, Any]) -> None:
+        # a fresh tensor (damped in place); its lower triangle is all a Cholesky reads
         F, observed = layer.fisher_hat(symmetric=False)
-        # a PSD block with a finite diagonal is finite (|F_ij| <= max(F_ii, F_jj)); overflow
-        # shows on the diagonal
-        finite = torch.isfinite(F.diagonal(dim1=-2, dim2=-1)).all(-1)
-        factors = natural_gradient_factors(F, self.damping, bias=layer.bias is not None,
-                                           form=self.factor, check=False, overwrite=True)
-        bad = (factors.bad | ~finite) & observed
-        if bool(bad.any()):  # the one host synchronisation, once per refresh
-            if self.damping == 0 and bool(finite.all()):
-                _raise_singular(F, bad, self.damping, layer=layer.name)
-            # damping > 0: only a Fisher that outgrew the damping by ~1/eps (a run that is
-            # diverging) or overflowed gets here; those units take the plain gradient
-            scale = float(F.diagonal(dim1=-2, dim2=-1).amax())
+        m = F.shape[-1]
+        diag = F.diagonal(dim1=-2, dim2=-1)
+        mean_diag = diag.sum(-1) / m
+        # a unit whose δ was 0 in every batch (a dead unit) has nothing to precondition
+        observed = observed & (mean_diag > 0)
+        rho = float(hp["damping"])
+        if hp["damping_mode"] == "relative":
+            lam = rho * torch.where(observed, mean_diag, torch.ones_like(mean_diag))
+        else:
+            lam = torch.full_like(mean_diag, rho)
+        factors = BlockFactors.compute(F, lam, form=self.factor, overwrite=True,
+                                       strict=rho == 0)
+        bad = ~factors.ok & observed
+        # the optimiser's one host synchronisation, once per refresh
+        scale = float(torch.where(observed, mean_diag, torch.zeros_like(mean_diag)).sum()
+                      / observed.sum().clamp_min(1))
+        self._check_divergence(layer, hp, scale)
+        if bool(bad.any()):
+            if rho == 0:
+                F.diagonal(dim1=-2, dim2=-1).sub_(lam.unsqueeze(-1))
+                _raise_singular(F, bad, 0.0, layer=layer.name)
+            # damping > 0: only a Fisher that overflowed or outgrew the damping by ~1/eps gets
+            # here; those units take the plain gradient until the next refresh
             warnings.warn(
                 f"UnitNaturalGradient: layer {layer.name!r}: the damped unit Fisher of "
                 f"{int(bad.sum())} unit(s) is not numerically positive definite or not finite "
-                f"(largest diagonal entry {scale:.3g}, damping {self.damping:g}; is the training "
-                "diverging?); those units take the plain gradient until the next refresh. Lower "
-                "lr, raise damping or use dtype=torch.float64", RuntimeWarning, stacklevel=5)
+                f"(mean diagonal entry {scale:.3g}, damping {rho:g} {hp['damping_mode']}; is the "
+                "training diverging?); those units take the plain gradient until the next "
+                "refresh. Lower lr, raise damping or use dtype=torch.float64", RuntimeWarning,
+                stacklevel=4)
             observed = observed & ~bad
         layer.factors, layer.observed, layer.dirty = factors, observed, False
+        layer.mass_at_refresh = layer.mass
+        layer.updates_since_refresh = 0
+        layer.steps_since_refresh = 0
 
+    def _check_divergence(self, layer: _Layer, hp: dict[str, Any], scale: float) -> None:
+        """Report the non-finite steps recorded on the device and an exploding Fisher."""
+        problems = []
+        for other in self._layers:
+            if other.nonfinite is not None and bool(other.nonfinite):
+                step = int(other.first_bad_step)  # type: ignore[arg-type]
+                other.nonfinite.zero_()
+                problems.append((other.name, step, f"layer {other.name!r}: a non-finite "
+                                 f"natural-gradient step at step {step} (its units were not "
+                                 "moved)"))
+        if math.isfinite(scale) and scale > 0:
+            if layer.scale0 is None:
+                layer.scale0 = scale
+            elif scale > self.explode_factor * layer.scale0:
+                problems.append((layer.name, self._step_count,
+                                 f"layer {layer.name!r}: the unit Fisher's mean diagonal grew "
+                                 f"from {layer.scale0:.3g} to {scale:.3g} "
+                                 f"(x{scale / layer.scale0:.2g} > explode_factor "
+                                 f"{self.explode_factor:g}) by step {self._step_count}"))
+        elif not math.isfinite(scale):
+            problems.append((layer.name, self._step_count,
+                             f"layer {layer.name!r}: the unit Fisher is not finite at step "
+                             f"{self._step_count}"))
+        for name, step, what in problems:
+            self._diverged(name, step, what, hp)
+
+    def _diverged(self, layer: str | None, step: int, what: str, hp: dict[str, Any]) -> None:
+        lr = hp["lr"]
+        message = (
+            f"UnitNaturalGradient: the training is diverging: {what}. Settings: lr {lr:g}, "
+            f"damping {hp['damping']:g} ({hp['damping_mode']}), kl_clip {hp['kl_clip']}. Try "
+            f"lr={lr / 10:g}, a smaller kl_clip (e.g. {(hp['kl_clip'] or 1e-2) / 10:g}) or a "
+            f"larger damping (e.g. {max(hp['damping'] * 10, 1e-3):g}); "
+            "on_divergence='warn' to go on."
+        )
+        if self.on_divergence == "raise":
+            raise DivergenceError(message, layer=layer, step=step)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One step: update the EMA (on update steps), refresh the factors (on refresh steps),
-        move every unit along ``−lr · (F̂ + λI)⁻¹ (g₀, g)`` and every other parameter along
-        ``−lr · grad``.  Returns ``closure()``'s value when a closure is given."""
+        """One step: update the EMA (on update steps), refresh the factors (when due), move
+        every preconditioned unit along ``ν · (F̂ + λI)⁻¹ (g₀, g)`` and every other parameter
+        along its gradient, with SGD's momentum and weight decay.  Returns ``closure()``'s
+        value when a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, Tensor) and loss.numel() == 1 and not bool(
+                    torch.isfinite(loss.detach())):
+                self._diverged(None, self._step_count, f"the closure's loss is {float(loss)}",
+                               self.param_groups[0])
         t = self._step_count
-        lrs = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        directions: dict[int, Tensor] = {}
+        quad: dict[int, Tensor] = {}  # id(group) -> Σ lr² gᵀd of its natural directions
         for layer in self._layers:
-            running = layer.running
-            if running.recording:
-                if running.update(self.ema):
-                    layer.dirty = True
-                elif (layer.weight.grad is not None and running.attached
-                      and not layer.warned):
-                    layer.warned = True
-                    warnings.warn(
-                        f"UnitNaturalGradient: no training forward/backward pass of layer "
-                        f"{layer.name!r} was recorded before step() {t} (model in eval mode, "
-                        "forward under no_grad, or the gradient set by hand?); its unit Fisher "
-                        "was not updated", RuntimeWarning, stacklevel=4)
-            else:
-                running.discard()
-            if layer.dirty and (layer.factors is None or t % self.inverse_every == 0):
-                self._refresh(layer)
-            self._apply(layer, lrs)
+            hp = self._group(layer.weight)
+            self._update_statistics(layer, hp, t)
+            if self._due(layer, hp):
+                self._refresh(layer, hp)
+            self._natural_direction(layer, directions, quad)
+            layer.step += 1
+            layer.steps_since_refresh += 1
         for group in self.param_groups:
+            kl = group["kl_clip"]
+            nu = None
+            if kl is not None and id(group) in quad:
+                q = quad[id(group)]
+                nu = torch.sqrt(kl / q.clamp_min(torch.finfo(q.dtype).tiny)).clamp(max=1.0)
             for p in group["params"]:
-                if p.grad is None or id(p) in self._owned:
+                if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("UnitNaturalGradient does not support sparse gradients")
-                p.add_(p.grad, alpha=-group["lr"])
+                d = directions.get(id(p))
+                if d is None:
+                    d = p.grad
+                elif nu is not None:
+                    d = d * nu.to(d.dtype)
+                self._sgd(p, d, group)
         self._step_count = t + 1
         self._set_recording()
         return loss
 
-    def _apply(self, layer: _Layer, lrs: dict[int, float]) -> None:
+    def _update_statistics(self, layer: _Layer, hp: dict[str, Any], t: int) -> None:
+        running = layer.running
+        if not running.recording:
+            running.discard()
+            return
+        ema = hp["ema"]
+        if running.update(ema):
+            layer.dirty = True
+            layer.mass = ema * layer.mass + (1.0 - ema)
+            layer.updates_since_refresh += 1
+        elif layer.weight.grad is not None and running.attached and not layer.warned:
+            layer.warned = True
+            warnings.warn(
+                f"UnitNaturalGradient: no training forward/backward pass of layer "
+                f"{layer.name!r} was recorded before step() {t} (model in eval mode, "
+                "forward under no_grad, or the gradient set by hand?); its unit Fisher "
+                "was not updated", RuntimeWarning, stacklevel=4)
+
+    def _natural_direction(self, layer: _Layer, directions: dict[int, Tensor],
+                           quad: dict[int, Tensor]) -> None:
+        """``(F̂ + λI)⁻¹ g`` per unit into ``directions`` (by parameter), ``lr² gᵀd`` into
+        ``quad`` (by param group).  Units without factors take the plain gradient; a unit
+        whose direction is not finite is not moved, and that is flagged on the device."""
         w, b = layer.weight, layer.bias
         if w.grad is None:
-            if b is not None and b.grad is not None:  # no weight gradient: SGD for the bias
-                b.add_(b.grad, alpha=-lrs[id(b)])
-            return
+            return  # no weight gradient: SGD for the bias, if it has one
         U, n = layer.spec.units, layer.spec.n
         factors = layer.factors
         dtype = factors.factor.dtype if factors is not None else stat_dtype(w.dtype)
@@ -458,82 +634,160 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         else:
             g = gw
         if factors is None:
-            direction = g  # no statistics yet: plain gradient
+            d = g  # no statistics yet: plain gradient
         else:
             if factors.factor.device != g.device:
-                layer.factors = factors = _factors_to(factors, g.device)
+                layer.factors = factors = factors.to(g.device)
                 layer.observed = layer.observed.to(g.device)  # type: ignore[union-attr]
             assert layer.observed is not None
-            direction = torch.where(layer.observed.unsqueeze(-1),
-                                    apply_natural_gradient(factors, g), g)
+            d = torch.where(layer.observed.unsqueeze(-1), factors.apply(g), g)
+        finite = torch.isfinite(d).all(-1, keepdim=True)
+        zero = torch.zeros((), dtype=d.dtype, device=d.device)
+        d, g = torch.where(finite, d, zero), torch.where(finite, g, zero)
+        bad = ~finite.all()
+        if layer.nonfinite is None:
+            layer.nonfinite = torch.zeros((), dtype=torch.bool, device=g.device)
+            layer.first_bad_step = torch.zeros((), dtype=torch.long, device=g.device)
+        assert layer.first_bad_step is not None
+        layer.first_bad_step.copy_(torch.where(bad & ~layer.nonfinite, self._step_count,
+                                               layer.first_bad_step))
+        layer.nonfinite.logical_or_(bad)
         off = 0
+        parts = []
         if b is not None:
-            b.add_(direction[:, 0].reshape(b.shape).to(b.dtype), alpha=-lrs[id(b)])
+            parts.append((b, 0, 1))
             off = 1
-        w.add_(direction[:, off:].reshape(w.shape).to(w.dtype), alpha=-lrs[id(w)])
+        parts.append((w, off, off + n))
+        for p, i0, i1 in parts:
+            if p.grad is None:
+                continue
+            group = self._group(p)
+            dp = d[:, i0:i1]
+            directions[id(p)] = dp.reshape(p.shape).to(p.dtype)
+            term = (g[:, i0:i1] * dp).sum() * _effective_lr(group) ** 2
+            quad[id(group)] = quad[id(group)] + term if id(group) in quad else term
+
+    def _sgd(self, p: Tensor, d: Tensor, group: dict[str, Any]) -> None:
+        """``torch.optim.SGD``'s update of ``p`` with ``d`` in place of the gradient."""
+        wd, momentum = group["weight_decay"], group["momentum"]
+        if wd:
+            d = d.add(p, alpha=wd)
+        if momentum:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.clone(d).detach()
+            else:
+                buf.mul_(momentum).add_(d, alpha=1 - group["dampening"])
+            d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.add_(d, alpha=-group["lr"])
 
     # ------------------------------------------------------------------ state
+    def _param_index(self) -> dict[int, int]:
+        """``id(p) -> index`` as ``torch.optim.Optimizer.state_dict`` numbers the parameters."""
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        return index
+
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict`` plus the running Fisher and the factors of every
-        layer (tensors and plain values only: loads with ``torch.load(weights_only=True)``)."""
+        """The standard ``torch.optim`` state; each layer's running Fisher, factors and schedule
+        are under ``"unit_fisher"`` in the state of its weight, with the blocks packed to their
+        lower triangles (loads with ``torch.load(weights_only=True)``)."""
         state = super().state_dict()
-        layers = []
+        index = self._param_index()
         for layer in self._layers:
-            f = layer.factors
-            layers.append({
-                "name": layer.name,
+            running, f = layer.running, layer.factors
+            m1 = layer.spec.n1
+            entry = {
+                "fisher": None if running.fisher is None else pack_tril(running.fisher),
+                "weight_sum": running.weight_sum,
+                "updates": running.updates,
+                "n1": m1,
                 "bias": layer.bias is not None,
-                "running": layer.running.state_dict(),
-                "dirty": layer.dirty,
+                "factor": None if f is None else pack_tril(f.factor),
+                "factor_form": None if f is None else f.form,
+                "factor_damping": None if f is None else f.damping,
+                "factor_ok": None if f is None else f.ok,
                 "observed": layer.observed,
-                "factors": None if f is None else {
-                    "form": f.form, "factor": f.factor, "A_inv_b": f.A_inv_b, "s": f.s,
-                    "bad": f.bad,
-                },
-            })
+                "dirty": layer.dirty,
+                "step": layer.step,
+                "mass": layer.mass,
+                "mass_at_refresh": layer.mass_at_refresh,
+                "updates_since_refresh": layer.updates_since_refresh,
+                "steps_since_refresh": layer.steps_since_refresh,
+                "scale0": layer.scale0,
+                "nonfinite": layer.nonfinite,
+                "first_bad_step": layer.first_bad_step,
+            }
+            state["state"].setdefault(index[id(layer.weight)], {})["unit_fisher"] = entry
         state[_STATE_KEY] = {
+            "version": _STATE_VERSION,
             "step": self._step_count,
-            "damping": self.damping,
-            "ema": self.ema,
-            "update_every": self.update_every,
-            "inverse_every": self.inverse_every,
+            "layers": [(layer.name, layer.bias is not None) for layer in self._layers],
             "reduction": self.reduction,
             "factor": self.factor,
-            "layers": layers,
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (hyperparameters included, as ``torch.optim`` restores
-        ``lr``); checks that the layers match."""
-        state = dict(state_dict)
-        ours = state.pop(_STATE_KEY, None)
-        if ours is None:
-            raise ValueError("UnitNaturalGradient.load_state_dict: not a UnitNaturalGradient "
-                             f"state (no {_STATE_KEY!r} entry)")
-        saved = [(s["name"], s["bias"]) for s in ours["layers"]]
+        ``lr``); checks that the layers match.  The statistics keep their own dtype."""
+        name = type(self).__name__
+        ours = state_dict.get(_STATE_KEY)
+        if ours is None or ours.get("version") != _STATE_VERSION:
+            raise ValueError(f"{name}.load_state_dict: not a {name} state of this version (no "
+                             f"{_STATE_KEY!r} entry with version {_STATE_VERSION})")
+        saved = [tuple(x) for x in ours["layers"]]
         now = [(layer.name, layer.bias is not None) for layer in self._layers]
         if saved != now:
-            raise ValueError(
-                f"UnitNaturalGradient.load_state_dict: the state is for the layers (name, bias) "
-                f"{saved}, this optimiser has {now}"
-            )
-        super().load_state_dict(state)
-        for layer, s in zip(self._layers, ours["layers"]):
+            raise ValueError(f"{name}.load_state_dict: the state is for the layers (name, bias) "
+                             f"{saved}, this optimiser has {now}")
+        # take the layer entries out before torch casts every tensor to its parameter's dtype
+        per_param = {k: dict(v) for k, v in state_dict["state"].items()}
+        entries = {k: v.pop("unit_fisher") for k, v in per_param.items() if "unit_fisher" in v}
+        super().load_state_dict({**state_dict, "state": {k: v for k, v in per_param.items()
+                                                         if v}})
+        index = self._param_index()
+        for layer in self._layers:
+            e = entries.get(index[id(layer.weight)])
+            if e is None:
+                raise ValueError(f"{name}.load_state_dict: no unit Fisher state for layer "
+                                 f"{layer.name!r}")
             device = layer.weight.device
-            layer.running.load_state_dict(s["running"], device)
-            layer.dirty = bool(s["dirty"])
-            layer.observed = None if s["observed"] is None else s["observed"].to(device)
-            f = s["factors"]
-            layer.factors = None if f is None else _factors_to(NaturalGradientFactors(
-                form=f["form"], factor=f["factor"], A_inv_b=f["A_inv_b"], s=f["s"],
-                bad=f["bad"]), device, copy=True)
+            m1 = layer.spec.n1
+            if int(e["n1"]) != m1:
+                raise ValueError(f"{name}.load_state_dict: layer {layer.name!r}: the saved blocks "
+                                 f"are {e['n1']}², the layer needs {m1}²")
+            packed = e["fisher"]
+            layer.running.load_state_dict({
+                "fisher": None if packed is None else unpack_tril(packed, m1, symmetric=False),
+                "weight_sum": e["weight_sum"], "updates": e["updates"]}, device)
+            if e["factor"] is None:
+                layer.factors = None
+            else:
+                m = layer.m
+                form = e["factor_form"]
+                factor = unpack_tril(e["factor"].to(device), m, symmetric=form == "inverse")
+                layer.factors = BlockFactors(form, factor, e["factor_damping"].to(device),
+                                             e["factor_ok"].to(device))
+
+            def dev(t: Tensor | None, device: torch.device = device) -> Tensor | None:
+                return None if t is None else t.to(device, copy=True)
+
+            layer.observed = dev(e["observed"])
+            layer.dirty = bool(e["dirty"])
+            layer.step = int(e["step"])
+            layer.mass = float(e["mass"])
+            layer.mass_at_refresh = float(e["mass_at_refresh"])
+            layer.updates_since_refresh = int(e["updates_since_refresh"])
+            layer.steps_since_refresh = int(e["steps_since_refresh"])
+            layer.scale0 = None if e["scale0"] is None else float(e["scale0"])
+            layer.nonfinite = dev(e["nonfinite"])
+            layer.first_bad_step = dev(e["first_bad_step"])
             layer.warned = False
         self._step_count = int(ours["step"])
-        self.damping = float(ours["damping"])
-        self.ema = float(ours["ema"])
-        self.update_every = int(ours["update_every"])
-        self.inverse_every = int(ours["inverse_every"])
         self.reduction = str(ours["reduction"])
         self.factor = str(ours["factor"])
         for layer in self._layers:
@@ -541,11 +795,46 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         self._set_recording()
 
 
-def _factors_to(f: NaturalGradientFactors, device: torch.device,
-                copy: bool = False) -> NaturalGradientFactors:
-    def mv(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(device, copy=copy)
+def _effective_lr(group: dict[str, Any]) -> float:
+    """The learning rate of the steady-state step: with momentum ``μ`` the buffer of a constant
+    direction ``d`` tends to ``(1 − dampening) d / (1 − μ)`` (Nesterov adds ``μ`` times it)."""
+    lr, mu = group["lr"], group["momentum"]
+    if not mu:
+        return lr
+    tail = (1 - group["dampening"]) / (1 - mu) if mu < 1 else float("inf")
+    return lr * (1 + mu * tail if group["nesterov"] else tail)
 
-    factor = f.factor.to(device, copy=copy)
-    return NaturalGradientFactors(form=f.form, factor=factor, A_inv_b=mv(f.A_inv_b), s=mv(f.s),
-                                  bad=f.bad.to(device, copy=copy))
+
+def _warmup_updates(ema: float) -> int:
+    """Updates on every step until the EMA holds ``⌈1/(1 − ema)⌉`` batches (its memory)."""
+    return math.ceil(1.0 / (1.0 - ema) - 1e-9)
+
+
+def _check_hyperparameters(hp: dict[str, Any], name: str) -> None:
+    """Validate one param group's (or the defaults') hyperparameters."""
+
+    def number(key: str, ok: Callable[[float], bool], what: str) -> None:
+        v = hp[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not ok(v):
+            raise ValueError(f"{name}: {key} must be {what}, got {v!r}")
+
+    number("lr", lambda v: v > 0, "a positive finite number")
+    number("damping", lambda v: v >= 0, "a finite number >= 0 (F + damping*I)")
+    number("ema", lambda v: 0 <= v < 1, "in [0, 1) (F <- ema*F + (1-ema)*F_batch)")
+    number("momentum", lambda v: v >= 0, "a finite number >= 0")
+    number("dampening", lambda v: True, "a finite number")
+    number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+    if hp["kl_clip"] is not None:
+        number("kl_clip", lambda v: v > 0, "a positive finite number or None")
+    if hp["damping_mode"] not in DAMPING_MODES:
+        raise ValueError(f"{name}: damping_mode must be one of {DAMPING_MODES}, got "
+                         f"{hp['damping_mode']!r}")
+    if not isinstance(hp["nesterov"], bool):
+        raise ValueError(f"{name}: nesterov must be a bool, got {hp['nesterov']!r}")
+    if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+        raise ValueError(f"{name}: nesterov needs momentum > 0 and dampening 0")
+    for key in ("update_every", "inverse_every"):
+        v = hp[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: {key} must be an integer >= 1, got {v!r}")
