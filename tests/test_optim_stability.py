@@ -188,9 +188,10 @@ def test_kl_clip_bounds_the_quadratic_model_of_every_step() -> None:
     for t in range(4):
         before = model[0].weight.detach().clone(), model[0].bias.detach().clone()
         step(model, opt, x, y)
-        dw = torch.cat([(model[0].bias - before[1])[:, None], model[0].weight - before[0]], 1)
+        dw = torch.cat([(model[0].bias - before[1])[:, None], model[0].weight - before[0]],
+                       1).detach()
         L = opt.factors("0").factor  # F + λI = LLᵀ and dw = -lr ν (F + λI)⁻¹ g, so
-        q = float((dw.detach().unsqueeze(1) @ (L @ (L.mT @ dw.unsqueeze(-1)))).sum())  # = lr²ν² gᵀ(F+λI)⁻¹g
+        q = float((dw.unsqueeze(1) @ (L @ (L.mT @ dw.unsqueeze(-1)))).sum())  # lr²ν² gᵀ(F+λI)⁻¹g
         assert q <= kl * (1 + 1e-9), (t, q)
         assert q >= 0.999 * kl  # lr 10 is far outside the region: the clip is active
 
