@@ -6,18 +6,21 @@ The model is :func:`biasshift.models.paper_mlp` (784-128x8-10, ELU) on random MN
 of the model, same initial weights):
 
 * ``sgd`` — ``torch.optim.SGD(lr)``;
-* ``ung u=U i=I`` — ``UnitNaturalGradient(update_every=U, inverse_every=I)``; ``u=1 i=20`` are the
-  defaults.
+* ``ung defaults`` — ``UnitNaturalGradient(model, lr)``: statistics every 20th step (after a
+  20-step warm-up), factors when the EMA has moved or every 200 steps, Cholesky solves;
+* ``ung u=U i=I`` — other ``update_every``/``inverse_every``; ``inverse`` the explicit-inverse
+  form.
 
-The settings run interleaved (round-robin, ``--steps`` steps each per round, ``--rounds``
-rounds), so that machine load hits all of them alike.  Per setting: the median step time (a step
-without a refresh of the factors) and the mean step time over all steps (refreshes amortised; the
-step counter runs on across rounds, so every ``inverse_every`` steps one refresh is included), each
-also as a ratio to SGD's.  Then a breakdown of one UnitNaturalGradient step (default settings):
-the EMA update of every layer, one refresh of every layer's factors, and the application of
-Theorem 1 to every layer's gradient.
+Every setting first runs ``--warmup`` steps (past the optimiser's warm-up, so that the timed
+steps are the steady state), then the settings run interleaved (round-robin, ``--steps`` steps
+each per round, ``--rounds`` rounds), so that machine load hits all of them alike.  Per setting:
+the median step time (a typical step: no Fisher update, no refresh) and the mean over all
+steps (updates and refreshes amortised), each as a ratio to SGD's.  Then a breakdown of the
+default optimiser's work: one EMA update of every layer, one refresh of every layer's factors,
+one application of the factors to every layer's gradient; the bytes the factors stream per step;
+and the size of a checkpoint of the optimiser's state.
 
-    python analyses/bench_optim.py                  # CPU, 1 thread (about 3 minutes)
+    python analyses/bench_optim.py                  # CPU, 1 thread (a few minutes)
     python analyses/bench_optim.py --quick          # fewer steps
     python analyses/bench_optim.py --device cuda --out runs/bench_optim_cuda.json
 """
@@ -25,6 +28,7 @@ Theorem 1 to every layer's gradient.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import time
@@ -38,10 +42,10 @@ from biasshift.optim import UnitNaturalGradient
 
 SETTINGS = [
     ("sgd", None),
+    ("ung defaults", {}),
+    ("ung u=10 i=100", dict(update_every=10, inverse_every=100)),
     ("ung u=1 i=20", dict(update_every=1, inverse_every=20)),
-    ("ung u=1 i=100", dict(update_every=1, inverse_every=100)),
-    ("ung u=5 i=50", dict(update_every=5, inverse_every=50)),
-    ("ung u=20 i=100", dict(update_every=20, inverse_every=100)),
+    ("ung inverse", dict(factor="inverse")),
 ]
 
 
@@ -50,12 +54,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(kw: dict | None, device: torch.device, lr: float, damping: float):
+def build(kw: dict | None, device: torch.device, lr: float):
     torch.manual_seed(0)
     model = paper_mlp("elu").to(device)
     if kw is None:
         return model, torch.optim.SGD(model.parameters(), lr=lr)
-    return model, UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.95, **kw)
+    return model, UnitNaturalGradient(model, lr=lr, **kw)
 
 
 def main() -> None:
@@ -63,15 +67,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="steps per setting and round")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 10 steps")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--warmup", type=int, default=25, help="untimed steps per setting first")
+    ap.add_argument("--steps", type=int, default=50, help="steps per setting and round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 20 steps")
+    ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.rounds = 10, 2
+        args.steps, args.rounds = 20, 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -79,7 +83,7 @@ def main() -> None:
     n_batches = 8
     xs = torch.rand(n_batches, args.batch, 1, 28, 28, generator=g).to(device)
     ys = torch.randint(0, 10, (n_batches, args.batch), generator=g).to(device)
-    runs = {name: build(kw, device, args.lr, args.damping) for name, kw in SETTINGS}
+    runs = {name: build(kw, device, args.lr) for name, kw in SETTINGS}
     times: dict[str, list[float]] = {name: [] for name in runs}
     counters = dict.fromkeys(runs, 0)
 
@@ -96,9 +100,12 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
-    for name in runs:  # warm-up: kernels, lazy allocation, the first refresh
-        for _ in range(2):
+    t_warm = {}
+    for name in runs:  # the optimiser's warm-up (statistics every step), kernels, allocation
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
             one_step(name)
+        t_warm[name] = time.perf_counter() - t0
     for _ in range(args.rounds):
         for name in runs:
             times[name].extend(one_step(name) for _ in range(args.steps))
@@ -106,19 +113,23 @@ def main() -> None:
     base_med = statistics.median(times["sgd"])
     base_mean = statistics.fmean(times["sgd"])
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} steps per setting (interleaved)")
-    print(f"{'setting':16s} {'median ms':>10s} {'x SGD':>7s} {'mean ms':>10s} {'x SGD':>7s}")
+          f"{args.rounds} rounds x {args.steps} steps per setting (interleaved) after "
+          f"{args.warmup} warm-up steps")
+    print(f"{'setting':16s} {'median ms':>10s} {'x SGD':>7s} {'mean ms':>10s} {'x SGD':>7s} "
+          f"{'warm-up s':>10s}")
     results = {}
     for name, ts in times.items():
         med, mean = statistics.median(ts), statistics.fmean(ts)
         results[name] = dict(median_s=med, mean_s=mean, median_ratio=med / base_med,
-                             mean_ratio=mean / base_mean, steps=len(ts))
+                             mean_ratio=mean / base_mean, steps=len(ts), warmup_s=t_warm[name])
         print(f"{name:16s} {med * 1e3:10.2f} {med / base_med:7.1f} {mean * 1e3:10.2f} "
-              f"{mean / base_mean:7.1f}")
+              f"{mean / base_mean:7.1f} {t_warm[name]:10.2f}")
 
-    # breakdown of the default optimiser's work per layer kind
-    model, opt = runs["ung u=1 i=20"]
+    # breakdown of the default optimiser's work
+    model, opt = runs["ung defaults"]
     assert isinstance(opt, UnitNaturalGradient)
+    for layer in opt._layers:
+        layer.running.recording = True
     loss = F.cross_entropy(model(xs[0]), ys[0])
     opt.zero_grad()
     loss.backward()
@@ -126,31 +137,39 @@ def main() -> None:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     for layer in opt._layers:
-        layer.running.update(opt.ema)
+        layer.running.update(0.95)
     sync(device)
     t_update = time.perf_counter() - t0
+    hp = opt.param_groups[0]
     t0 = time.perf_counter()
     for layer in opt._layers:
-        opt._refresh(layer)
+        layer.dirty = True
+        opt._refresh(layer, hp)
     sync(device)
     t_refresh = time.perf_counter() - t0
-    lrs = {id(p): 0.0 for p in model.parameters()}  # lr 0: apply without moving
     t0 = time.perf_counter()
     for layer in opt._layers:
-        opt._apply(layer, lrs)
+        opt._natural_direction(layer, {}, {})
     sync(device)
     t_apply = time.perf_counter() - t0
-    breakdown = dict(update_s=t_update, refresh_s=t_refresh, apply_s=t_apply)
-    print(f"default step breakdown: EMA update {t_update * 1e3:.1f} ms, refresh of the factors "
-          f"{t_refresh * 1e3:.1f} ms (once per inverse_every steps), Theorem 1 applied "
-          f"{t_apply * 1e3:.1f} ms; SGD step (fwd+bwd+step) {base_med * 1e3:.2f} ms")
+    streamed = sum(f.factor.numel() * f.factor.element_size() // (2 if f.form == "cholesky" else 1)
+                   for f in (layer.factors for layer in opt._layers) if f is not None)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    breakdown = dict(update_s=t_update, refresh_s=t_refresh, apply_s=t_apply,
+                     factor_bytes_streamed_per_step=streamed, checkpoint_bytes=buf.tell())
+    print(f"default step breakdown: EMA update of all layers {t_update * 1e3:.1f} ms (every "
+          f"{hp['update_every']} steps after the warm-up), refresh of all factors "
+          f"{t_refresh * 1e3:.1f} ms (at most every {hp['inverse_every']} steps), factors "
+          f"applied {t_apply * 1e3:.1f} ms (every step; streams {streamed / 1e6:.0f} MB of "
+          f"factors); SGD step (fwd+bwd+step) {base_med * 1e3:.2f} ms")
+    print(f"optimizer checkpoint: {buf.tell() / 2**20:.0f} MiB")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(
             device=str(device), threads=torch.get_num_threads(), batch=args.batch,
-            rounds=args.rounds, steps=args.steps, lr=args.lr, damping=args.damping,
-            results=results, breakdown=breakdown,
-            torch=torch.__version__,
+            rounds=args.rounds, steps=args.steps, warmup=args.warmup, lr=args.lr,
+            results=results, breakdown=breakdown, torch=torch.__version__,
         ), indent=2))
         print(f"wrote {args.out}")
 

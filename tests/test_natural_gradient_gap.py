@@ -181,7 +181,7 @@ def test_figure_states_what_was_run(quick: bool, tmp_path) -> None:
     title = fig._suptitle.get_text()
     assert ("quick preset" in title) == quick
     for part in ("digits", "3 epochs", "2 seeds", "exact Fisher", "damping λ = 0.001",
-                 "UNG lr 0.001"):
+                 "UNG lr 0.01", "relative damping 0.001", "kl_clip 0.001"):
         assert part in title
     panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
     assert [ax.get_title(loc="left")[0] for ax in panels] == list("abcdef")
@@ -212,7 +212,7 @@ def test_quick_preset_end_to_end_and_reuse(tmp_path, capsys) -> None:
     df = pd.read_csv(out / f"{NAME}.csv", dtype={"unit": "Int64"})
     assert list(df.columns) == list(NG_COLUMNS)
     assert df["unit"].isna().all() and set(df["optimizer"]) == {"sgd", "ung"}
-    assert sorted(df["run"].unique()) == ["elu-lr0.01-seed0", "elu-ung-lr0.001-seed0"]
+    assert sorted(df["run"].unique()) == ["elu-lr0.01-seed0", "elu-ung-lr0.01-seed0"]
     trainer_rows = df[df["stat"] == "value"]
     assert {"train_loss", "test_loss", "median_of_means"} <= set(trainer_rows["quantity"])
     assert set(trainer_rows["step"]) == {0, 23}  # digits: 1437 samples / 64 = 23 steps

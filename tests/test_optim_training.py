@@ -38,8 +38,8 @@ def test_trains_the_8x128_net_on_digits() -> None:
 def test_real_mnist_subset_one_epoch(real_data_root) -> None:
     """One epoch on 10k MNIST images (79 steps of 128): train loss 0.27 against SGD's 0.54.
 
-    With the defaults (statistics on every step for the first 20, then every 10th step;
-    factors when the EMA has moved or every 100 steps)."""
+    With the defaults (statistics on every step for the first 20, then every 20th step;
+    factors when the EMA has moved or every 200 steps)."""
     ds = load_dataset("mnist", data_dir=real_data_root, download=False).subset(10_000, 2_000)
     kw = dict(epochs=1, batch_size=128)
     ung = curve(ds, lambda m: UnitNaturalGradient(m, lr=0.01), **kw)  # SGD's lr, defaults

@@ -88,12 +88,13 @@ class BlockFactors:
         else:
             L, info = torch.linalg.cholesky_ex(F)
             ok = (info == 0) & finite & (L.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
-        L = L.masked_fill_(~ok[:, None, None], 0.0)
+        # one memory layout (LAPACK's column-major) whatever the backend returned, so that a
+        # factor restored from a checkpoint is applied by exactly the same kernels
+        L = _column_major(L)
+        L.mT.masked_fill_(~ok[:, None, None], 0.0)  # row-major view: one contiguous pass
         L.diagonal(dim1=-2, dim2=-1).masked_fill_(~ok.unsqueeze(-1), 1.0)
-        factor = torch.cholesky_inverse(L) if form == "inverse" else L
-        # one memory layout (row-major) whatever LAPACK returned, so that a factor restored
-        # from a checkpoint is applied by exactly the same kernels
-        return cls(form=form, factor=factor.contiguous(), damping=damping, ok=ok)
+        factor = _column_major(torch.cholesky_inverse(L)) if form == "inverse" else L
+        return cls(form=form, factor=factor, damping=damping, ok=ok)
 
     def apply(self, g: Tensor) -> Tensor:
         """``(F_u + λ_u I)⁻¹ g_u`` for ``g (units, m)`` (in the factors' dtype)."""
@@ -119,6 +120,14 @@ class BlockFactors:
                             self.ok.to(device))
 
 
+def _column_major(M: Tensor) -> Tensor:
+    """``M (units, m, m)`` with each block stored column by column (LAPACK's layout)."""
+    m = M.shape[-1]
+    if M.stride()[-2:] == (1, m) and M.mT.is_contiguous():
+        return M
+    return M.mT.contiguous().mT
+
+
 def _tril_index(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
     i, j = torch.tril_indices(m, m, device=device)
     return i, j
@@ -130,13 +139,15 @@ def pack_tril(F: Tensor) -> Tensor:
     return F[:, i, j]
 
 
-def unpack_tril(packed: Tensor, m: int, symmetric: bool) -> Tensor:
-    """Inverse of :func:`pack_tril`: the lower triangle, mirrored when ``symmetric``."""
+def unpack_tril(packed: Tensor, m: int, symmetric: bool, column_major: bool = False) -> Tensor:
+    """Inverse of :func:`pack_tril`: the lower triangle, mirrored when ``symmetric``; stored
+    column by column with ``column_major`` (the layout of :class:`BlockFactors`)."""
     if packed.ndim != 2 or packed.shape[-1] != m * (m + 1) // 2:
         raise ValueError(f"packed blocks must be (units, {m * (m + 1) // 2}) for m = {m}, got "
                          f"{tuple(packed.shape)}")
     i, j = _tril_index(m, packed.device)
-    out = packed.new_zeros(packed.shape[0], m, m)
+    buf = packed.new_zeros(packed.shape[0], m, m)
+    out = buf.mT if column_major else buf
     out[:, i, j] = packed
     if symmetric:
         out[:, j, i] = packed

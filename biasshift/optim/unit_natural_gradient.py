@@ -255,8 +255,8 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         nesterov: bool = False,
         kl_clip: float | None = 1e-3,
         damping_mode: str = "relative",
-        update_every: int = 10,
-        inverse_every: int = 100,
+        update_every: int = 20,
+        inverse_every: int = 200,
         reduction: str = "mean",
         modules: ModuleSelection = None,
         dtype: torch.dtype | None = None,
@@ -769,7 +769,8 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             else:
                 m = layer.m
                 form = e["factor_form"]
-                factor = unpack_tril(e["factor"].to(device), m, symmetric=form == "inverse")
+                factor = unpack_tril(e["factor"].to(device), m, symmetric=form == "inverse",
+                                     column_major=True)
                 layer.factors = BlockFactors(form, factor, e["factor_damping"].to(device),
                                              e["factor_ok"].to(device))
 

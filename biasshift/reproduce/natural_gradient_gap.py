@@ -35,12 +35,12 @@ Options (``--option KEY=VALUE``; the JSON record lists them under ``settings.opt
     ``per_decade``              tracked steps per decade (8; quick 4), plus every epoch end
     ``track_ung``               also track the natural-gradient runs (paper: yes; quick: no)
     ``ung_lr``, ``ung_damping``,  :class:`~biasshift.optim.UnitNaturalGradient`'s learning rate
-    ``ung_ema``,                (0.001), damping (1e-2), EMA decay (0.95), refresh interval of
-    ``ung_inverse_every``,      the inverse factors (20 steps) and Fisher update interval (every
-    ``ung_update_every``        step; larger is cheaper on a CPU).  lr 0.01 diverged in the
-                                first epoch at damping 1e-3, 1e-2 (digits) and lr 0.003 at
-                                damping 1e-2 late (digits, ReLU); lr 0.001 with damping 1e-2
-                                trained every activation stably (8 epochs on digits)
+    ``ung_ema``,                (0.01, SGD's), relative damping (1e-3), EMA decay (0.95), longest
+    ``ung_inverse_every``,      refresh interval of the factors (200 steps), Fisher update
+    ``ung_update_every``,       interval after the warm-up (20 steps) and KL trust region
+    ``ung_kl_clip``             (1e-3): the optimiser's defaults.  Before the optimiser had its
+                                trust region and relative damping, lr 0.01 diverged and this
+                                study had to use lr 0.001
     ==========================  ==================================================================
 
 Tidy CSV (columns :data:`NG_COLUMNS`: the usual ones plus ``optimizer``, ``step``, ``stat``)
@@ -119,7 +119,8 @@ SUMMARY_NAME = "tracking_summary.csv"
 INFO_NAME = "natural_gradient_gap.json"
 
 _TRACKER_OPTIONS = ("fisher", "damping", "track_probe", "per_decade")
-_UNG_OPTIONS = ("ung_damping", "ung_ema", "ung_inverse_every", "ung_update_every")
+_UNG_OPTIONS = ("ung_damping", "ung_ema", "ung_inverse_every", "ung_update_every",
+                "ung_kl_clip")
 
 _PAPER_OPTIONS: dict[str, Any] = {
     "optimizers": OPTIMIZERS,
@@ -128,11 +129,12 @@ _PAPER_OPTIONS: dict[str, Any] = {
     "track_probe": 512,
     "per_decade": 8,
     "track_ung": True,
-    "ung_lr": 0.001,
-    "ung_damping": 1e-2,
+    "ung_lr": 0.01,
+    "ung_damping": 1e-3,
     "ung_ema": 0.95,
-    "ung_inverse_every": 20,
-    "ung_update_every": 1,
+    "ung_inverse_every": 200,
+    "ung_update_every": 20,
+    "ung_kl_clip": 1e-3,
 }
 _QUICK_OPTIONS = {**_PAPER_OPTIONS, "track_probe": 256, "per_decade": 4, "track_ung": False}
 
@@ -233,8 +235,11 @@ class NaturalGradientGap(Analysis):
         o = spec.options
         lr, damping, ema = spec.lr, float(o["ung_damping"]), float(o["ung_ema"])
         every, update = int(o["ung_inverse_every"]), int(o["ung_update_every"])
+        kl = o["ung_kl_clip"]
+        kl_clip = None if kl in (None, "none", "None") else float(kl)
         return lambda model: UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema,
-                                                 inverse_every=every, update_every=update)
+                                                 inverse_every=every, update_every=update,
+                                                 kl_clip=kl_clip)
 
     def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
                   trainer: Trainer | None) -> pd.DataFrame:
@@ -522,7 +527,8 @@ class NaturalGradientGap(Analysis):
 
         width, depth = settings.model.get("width"), settings.model.get("depth")
         lrs = ", ".join(f"{lr:g}" for lr in settings.lrs)
-        ung = (f"; UNG lr {o['ung_lr']:g}, damping {o['ung_damping']:g}, ema {o['ung_ema']:g}"
+        ung = (f"; UNG lr {o['ung_lr']:g}, relative damping {o['ung_damping']:g}, kl_clip "
+               f"{o['ung_kl_clip']}, ema {o['ung_ema']:g}"
                if "ung" in o["optimizers"] else "")
         fig.suptitle(figure_title(
             f"Gradient vs unit natural gradient: {depth}x{width} MLP, SGD lr {lrs}{ung}; "
