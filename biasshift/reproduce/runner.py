@@ -245,7 +245,7 @@ def resolve_settings(
     overrides the preset's analysis-specific options (``{"damping": 1e-3}``; strings are
     converted to the type of the preset's value, lists are comma-separated). ``jobs`` and
     ``threads`` left at ``None`` fill the :func:`available_cores` (one thread per run, as many
-    parallel runs as runs and cores allow); jobs x threads above the cores warns
+    parallel runs as runs and cores allow; on CUDA one job); jobs x threads above the cores warns
     (:class:`OversubscriptionWarning`). The quick preset on MNIST or Fashion-MNIST trains on
     the first :data:`~biasshift.reproduce.base.QUICK_TRAIN_SIZE` /
     :data:`~biasshift.reproduce.base.QUICK_TEST_SIZE` images. Raises :class:`UsageError` with a
@@ -331,6 +331,8 @@ def resolve_settings(
         test_size=QUICK_TEST_SIZE if subset else None,
     )
     analysis.validate(settings)
+    if jobs is None and tdev.type == "cuda":
+        jobs = 1  # parallel runs would share the one GPU; threads only feed its host side
     jobs, threads = _jobs_and_threads(jobs, threads, len(analysis.run_specs(settings)))
     return replace(settings, jobs=jobs, threads=threads)
 
