@@ -270,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from biasshift.data.base import ChecksumError, DatasetNotFoundError
     from biasshift.reproduce.base import UsageError
+    from biasshift.reproduce.runner import WorkerDiedError
 
     work_dir: list[Path] = []  # set once the settings are resolved
 
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "list":
                 return _list()
             return _reproduce(args, argv, work_dir)
-    except (UsageError, DatasetNotFoundError, ChecksumError) as err:
+    except (UsageError, DatasetNotFoundError, ChecksumError, WorkerDiedError) as err:
         print(f"biasshift: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

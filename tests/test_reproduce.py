@@ -224,7 +224,8 @@ def test_run_one_reuses_resumes_extends_and_refuses(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_parallel_jobs_give_the_same_table(tmp_path) -> None:
+def test_parallel_jobs_give_the_same_table(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BIASSHIFT_CPUS", "2")  # two jobs without an oversubscription warning
     kw = {"quick": True, "epochs": 2, "seeds": 1, "activations": ["elu", "srelu"]}
     one = run_analysis(resolve_settings("activation-median", out=tmp_path / "o1",
                                         work_dir=tmp_path / "w1", **kw), progress=False)

@@ -90,8 +90,8 @@ from biasshift.reproduce.registry import get_analysis
 from biasshift.train.checkpoint import CheckpointError, data_fingerprint
 from biasshift.train.trainer import CHECKPOINT_NAME, HISTORY_NAME, Trainer
 
-__all__ = ["OversubscriptionWarning", "ReproduceResult", "RunOutcome", "available_cores",
-           "resolve_settings", "run_analysis", "run_one"]
+__all__ = ["OversubscriptionWarning", "ReproduceResult", "RunOutcome", "WorkerDiedError",
+           "available_cores", "resolve_settings", "run_analysis", "run_one"]
 
 SPEC_NAME = "spec.json"
 DONE_NAME = "done.json"
@@ -438,9 +438,12 @@ def _checked_history(path: Path, done: dict[str, Any], run_dir: Path) -> pd.Data
     have = sorted(int(e) for e in df["epoch"].unique())
     if have != want:
         lacking = sorted(set(want) - set(have))
-        raise _damaged(path, f"epochs {lacking[:5]}{' ...' if len(lacking) > 5 else ''} "
-                       f"missing of 0..{want[-1]}" if lacking else
-                       f"epochs {have} instead of 0..{want[-1]}", run_dir)
+        if lacking:
+            more = " ..." if len(lacking) > 5 else ""
+            what = f"epochs {lacking[:5]}{more} missing of 0..{want[-1]}"
+        else:
+            what = f"epochs {have[:5]}... instead of 0..{want[-1]}"
+        raise _damaged(path, what, run_dir)
     return df
 
 
@@ -637,6 +640,10 @@ _WORKER: dict[str, Any] = {}
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker process of ``jobs > 1`` died (killed, out of memory); finished runs are kept."""
+
+
 def _die_with_parent() -> bool:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux ``prctl``);
     returns whether that was arranged."""
@@ -750,7 +757,7 @@ def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
         drain()
     except BrokenProcessPool as err:
         _stop_workers(ex)
-        raise RuntimeError(
+        raise WorkerDiedError(
             "a worker process of --jobs died (out of memory? killed?); finished epochs are "
             "checkpointed, rerun with --resume. From a script, call run_analysis with "
             "jobs > 1 under `if __name__ == '__main__':` (spawned workers import the main "
