@@ -20,9 +20,19 @@ def unknown_name_error(kind: str, name: str, known: Iterable[str]) -> KeyError:
     if close:
         hint = "did you mean " + ", ".join(repr(c) for c in close) + "?"
     else:
-        hint = "no close match"
+        hint = "no close match."
     shown = ", ".join(repr(k) for k in known[:30]) + (" ..." if len(known) > 30 else "")
-    return KeyError(f"unknown {kind} {name!r}; {hint} Known {kind}s: {shown or '(none)'}")
+    return KeyError(f"unknown {kind} {name!r}; {hint} Known {plural(kind)}: {shown or '(none)'}")
+
+
+def plural(noun: str) -> str:
+    """The plural of the last word of ``noun``: analysis -> analyses, class -> classes,
+    module -> modules, analysis option -> analysis options."""
+    if noun.endswith("sis"):
+        return noun[:-3] + "ses"
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    return noun + "s"
 
 
 def select_modules(

@@ -6,15 +6,24 @@
     train the runs of an analysis and write ``NAME.png``, ``NAME.pdf``, ``NAME.csv`` (tidy) and
     ``NAME.json`` (provenance) into ``--out``; see ``biasshift reproduce --help``.
 
-Exit codes: 0 success, 2 bad usage or missing/corrupt data (a one-line message, no traceback),
-130 interrupted (finished epochs are checkpointed; rerun with ``--resume``).
+Exit codes: 0 success, 2 bad usage, missing/corrupt data or a file-system fault (a one-line
+message naming the path and the fix, no traceback), 130 interrupted by Ctrl-C and 143 stopped by
+SIGTERM (finished epochs are checkpointed; rerun with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import textwrap
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
 
 __all__ = ["build_parser", "main"]
 
@@ -22,14 +31,18 @@ _EPILOG = """\
 examples:
   biasshift list
   biasshift reproduce activation-median --quick        # embedded digits, < 2 min, figures/quick/
+  biasshift reproduce activation-median --quick --resume   # again: reuse the finished runs
   biasshift reproduce activation-median --data-dir ../shared/data --jobs 4
   biasshift reproduce median-variance --activations relu,elu --epochs 200
   biasshift reproduce autoencoder --lr 1e-2,1e-3 --resume --work-dir runs/ae
   biasshift reproduce natural-gradient-gap --quick --option damping=1e-3
 
 Paper presets read MNIST from --data-dir, $BIASSHIFT_DATA/<name>/ or the user cache (and download
-it unless $BIASSHIFT_OFFLINE is set). Runs checkpoint every epoch into --work-dir; after an
-interruption the same command with --resume continues where it stopped.
+it unless $BIASSHIFT_OFFLINE is set). Runs checkpoint every epoch into --work-dir (default: the
+user cache, $XDG_CACHE_HOME/biasshift/runs/ or ~/.cache/biasshift/runs/); after an interruption
+the same command with --resume continues where it stopped. Rerunning without --resume or
+--overwrite never discards checkpointed runs; it stops and says so. By default --jobs x --threads
+fill the cores available ($BIASSHIFT_CPUS overrides their count).
 """
 
 
@@ -84,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("name", metavar="NAME", help="the analysis (see `biasshift list`)")
     rep.add_argument("--quick", action="store_true",
                      help="the quick preset: embedded 8x8 digits, few epochs and seeds (< 2 min "
-                          "on 2 CPU cores); output defaults to figures/quick/")
+                          "on 2 CPU cores; with --dataset mnist or fashion-mnist it trains on "
+                          "the first 1500 training and 500 test images to stay as quick); "
+                          "output defaults to figures/quick/")
     rep.add_argument("--dataset", metavar="NAME",
                      help="mnist, fashion-mnist or digits (preset: mnist; quick: digits)")
     rep.add_argument("--data-dir", metavar="DIR",
@@ -105,15 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", metavar="DIR",
                      help="output folder (default figures/, quick: figures/quick/)")
     rep.add_argument("--work-dir", metavar="DIR",
-                     help="run folders with checkpoints (default runs/NAME/, quick: "
-                          "runs/quick/NAME/)")
+                     help="run folders with checkpoints (default: the user cache, "
+                          "~/.cache/biasshift/runs/NAME/, quick: .../runs/quick/NAME/)")
     rep.add_argument("--resume", action="store_true",
                      help="reuse finished runs and continue interrupted ones from their "
                           "checkpoints")
-    rep.add_argument("--jobs", type=_positive, default=1, metavar="N",
-                     help="runs trained in parallel processes (default 1)")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="discard the checkpointed runs in --work-dir and train afresh "
+                          "(without --resume or --overwrite such runs are an error)")
+    rep.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep each finished run's checkpoint.pt (needed to extend it to more "
+                          "epochs later; by default it is removed when the run finishes)")
+    rep.add_argument("--jobs", type=_positive, metavar="N",
+                     help="runs trained in parallel processes (default: as many as runs and "
+                          "cores allow)")
     rep.add_argument("--threads", type=_positive, metavar="N",
-                     help="torch threads per run (default 1; use --jobs to fill the cores)")
+                     help="torch threads per run (default: the cores left per job, usually 1; "
+                          "jobs x threads above the cores is warned about)")
     rep.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                      dest="options",
                      help="an analysis-specific setting (repeatable), e.g. natural-gradient-gap's "
@@ -123,27 +146,102 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_listing(paper: dict[str, object], quick: dict[str, object]) -> list[str]:
+    """``KEY=VALUE`` for each ``--option`` of an analysis (the paper preset's default, and the
+    quick preset's where it differs)."""
+    def shown(v: object) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+    items = []
+    for key, value in paper.items():
+        text = f"{key}={shown(value)}"
+        if key in quick and quick[key] != value:
+            text += f" (quick: {shown(quick[key])})"
+        items.append(text)
+    return items
+
+
 def _list() -> int:
     from biasshift.reproduce import ANALYSES
 
     width = max(len(n) for n in ANALYSES)
+    indent = " " * (width + 2)
     for name, analysis in ANALYSES.items():
         print(f"{name:<{width}}  {analysis.description}")
+        items = _option_listing(analysis.presets["paper"].options,
+                                analysis.presets["quick"].options)
+        if items:
+            print(textwrap.fill("--option KEY=VALUE: " + "  ".join(items), width=100,
+                                initial_indent=indent, subsequent_indent=indent + "  ",
+                                break_on_hyphens=False))
     print("\nRun one with `biasshift reproduce NAME --quick` (minutes on a laptop) or without "
-          "--quick for the paper's settings.")
+          "--quick for the paper's settings; `biasshift reproduce --help` lists the options.")
     return 0
 
 
-def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM behaves like SIGINT: the run stops (its workers are terminated) and says so."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free some space there or choose a folder on another disk",
+    errno.EDQUOT: "free some space there or choose a folder on another disk",
+    errno.EACCES: "make it writable (readable, for data) or choose another folder",
+    errno.EPERM: "make it writable (readable, for data) or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOTDIR: "a file stands where a folder is expected: move it or choose another folder",
+    errno.EEXIST: "a file stands where a folder is expected: move it or choose another folder",
+    errno.EISDIR: "a folder stands where a file is expected: move it or choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an :class:`OSError`: what failed, on which path, and the fix."""
+    what = err.strerror or str(err)
+    paths = [p for p in (err.filename, getattr(err, "filename2", None)) if p is not None]
+    where = " -> ".join(os.fsdecode(p) for p in paths) or "(no path reported)"
+    fix = _OS_FIXES.get(err.errno or -1, "check the path and its folder")
+    return f"{what}: {where}; {fix}"
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        print(f"biasshift: warning: {w.message}", file=sys.stderr)
+
+
+def _reproduce(args: argparse.Namespace, argv: Sequence[str], work_dir: list[Path]) -> int:
     from biasshift.reproduce import resolve_settings, run_analysis
 
-    settings = resolve_settings(
-        args.name, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir,
-        epochs=args.epochs, seeds=args.seeds, activations=args.activations, lrs=args.lrs,
-        batch_size=args.batch_size, probe_size=args.probe_size, device=args.device,
-        out=args.out, work_dir=args.work_dir, resume=args.resume, jobs=args.jobs,
-        threads=args.threads, options=dict(args.options),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        settings = resolve_settings(
+            args.name, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir,
+            epochs=args.epochs, seeds=args.seeds, activations=args.activations, lrs=args.lrs,
+            batch_size=args.batch_size, probe_size=args.probe_size, device=args.device,
+            out=args.out, work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
+            keep_checkpoints=args.keep_checkpoints, jobs=args.jobs, threads=args.threads,
+            options=dict(args.options),
+        )
+    _print_warnings(caught)
+    work_dir.append(settings.work_dir)
     result = run_analysis(settings, progress=not args.no_progress,
                           command=" ".join(["biasshift", *argv]))
     stem = result.paths["csv"].with_suffix("")
@@ -172,14 +270,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from biasshift.data.base import ChecksumError, DatasetNotFoundError
     from biasshift.reproduce.base import UsageError
+    from biasshift.reproduce.runner import WorkerDiedError
+
+    work_dir: list[Path] = []  # set once the settings are resolved
+
+    def kept() -> str:
+        if not work_dir:
+            return ""
+        return (f"; runs finished so far are kept in {work_dir[0]} and the same command with "
+                "--resume reuses them")
 
     try:
-        if args.command == "list":
-            return _list()
-        return _reproduce(args, argv)
-    except (UsageError, DatasetNotFoundError, ChecksumError) as err:
+        with _sigterm_stops():
+            if args.command == "list":
+                return _list()
+            return _reproduce(args, argv, work_dir)
+    except (UsageError, DatasetNotFoundError, ChecksumError, WorkerDiedError) as err:
         print(f"biasshift: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"biasshift: error: {_os_error_line(err)}{kept()}", file=sys.stderr)
+        return 2
+    except _Terminated:
+        print("biasshift: stopped by SIGTERM; finished epochs are checkpointed, rerun the same "
+              "command with --resume to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("biasshift: interrupted; finished epochs are checkpointed, rerun the same command "
               "with --resume to continue", file=sys.stderr)

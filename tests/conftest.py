@@ -10,6 +10,10 @@ import torch
 
 _REPO = Path(__file__).resolve().parents[1]
 
+# `pytest -n 2` on 2 cores: each test process counts as one core, so analyses started with the
+# default --jobs/--threads run one process with one thread (tests of parallel runs pass --jobs)
+os.environ.setdefault("BIASSHIFT_CPUS", "1")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

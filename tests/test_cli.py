@@ -102,14 +102,19 @@ def test_quick_preset_end_to_end(name: str, extra: tuple[str, ...], tmp_path, ca
 
 
 def test_quick_defaults_write_under_figures_quick(tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
+    # run folders go to the user cache (issue 13, item 15), never into the working directory
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rc = main(["reproduce", "activation-median", "--quick", "--epochs", "1", "--seeds", "1",
                "--activations", "elu", "--no-progress"])
     assert rc == 0
-    assert (tmp_path / "figures" / "quick" / "activation-median.csv").exists()
-    assert (tmp_path / "runs" / "quick" / "activation-median" / "elu-lr0.01-seed0"
-            / "done.json").exists()
-    assert not (tmp_path / "figures" / "activation-median.csv").exists()
+    assert (work / "figures" / "quick" / "activation-median.csv").exists()
+    assert (tmp_path / "cache" / "biasshift" / "runs" / "quick" / "activation-median"
+            / "elu-lr0.01-seed0" / "done.json").exists()
+    assert not (work / "figures" / "activation-median.csv").exists()
+    assert [p.name for p in work.iterdir()] == ["figures"]
 
 
 def test_unknown_analysis_exits_2_with_close_names(capsys) -> None:
@@ -144,8 +149,9 @@ def test_missing_data_exits_2_with_the_data_modules_message(tmp_path, monkeypatc
 
 
 def test_resume_reuses_finished_runs_and_continues_partial_ones(tmp_path, capsys) -> None:
-    # an interrupted analysis: every run has 1 of 2 epochs
-    assert reproduce("activation-median", tmp_path, "--epochs", "1") == 0
+    # an interrupted analysis: every run has 1 of 2 epochs (a finished run keeps its checkpoint
+    # only with --keep-checkpoints, issue 13 item 15)
+    assert reproduce("activation-median", tmp_path, "--epochs", "1", "--keep-checkpoints") == 0
     assert reproduce("activation-median", tmp_path, "--epochs", "2", "--resume") == 0
     record = json.loads((tmp_path / "out" / "activation-median.json").read_text())
     assert [r["resumed_from_epoch"] for r in record["runs"]] == [1, 1]

@@ -202,7 +202,7 @@ def test_quick_preset_end_to_end_and_reuse(tmp_path, capsys) -> None:
     argv = ["reproduce", NAME, "--quick", "--epochs", "1", "--seeds", "1", "--activations",
             "elu", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "runs"),
             "--no-progress", "--option", "track_probe=64", "--option", "per_decade=2",
-            "--option", "track_ung=true"]
+            "--option", "track_ung=true", "--keep-checkpoints"]
     assert main(argv) == 0
     assert f"wrote {tmp_path / 'out' / NAME}" in capsys.readouterr().out
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from biasshift.data import load_dataset
+from biasshift.data import cache_dir, load_dataset
 from biasshift.models import paper_mlp
 from biasshift.reproduce import (
     ANALYSES,
@@ -62,12 +62,14 @@ def test_unknown_analysis_lists_close_names() -> None:
 def test_settings_defaults_for_paper_and_quick() -> None:
     paper = resolve_settings("activation-median")
     assert (paper.preset, paper.dataset, paper.epochs, paper.seeds) == ("paper", "mnist", 300, 5)
-    assert paper.out == Path("figures") and paper.work_dir == Path("runs/activation-median")
+    # run folders live in the user cache (issue 13, item 15); conftest counts one core
+    cache = cache_dir() / "runs"
+    assert paper.out == Path("figures") and paper.work_dir == cache / "activation-median"
     assert paper.threads == 1 and paper.jobs == 1 and not paper.quick
     quick = resolve_settings("autoencoder", quick=True)
     assert quick.quick and quick.dataset == "digits"
     assert quick.out == Path("figures/quick")
-    assert quick.work_dir == Path("runs/quick/autoencoder")
+    assert quick.work_dir == cache / "quick" / "autoencoder"
     s = resolve_settings("autoencoder", quick=True, epochs=3, seeds=2, activations=["ELU"],
                          lrs=["1e-3"], probe_size="all", batch_size=16, out="o", work_dir="w")
     assert (s.epochs, s.seeds, s.activations, s.lrs, s.probe_size, s.batch_size) == (
@@ -191,7 +193,9 @@ def _spec(epochs: int = 2, **kw: Any) -> RunSpec:
 
 def test_run_one_reuses_resumes_extends_and_refuses(tmp_path) -> None:
     calls: list[tuple[str, int]] = []
-    first = run_one(_spec(2), work_dir=tmp_path, progress=lambda r, e: calls.append((r, e)))
+    # keep_checkpoint: a finished run keeps its checkpoint only when asked (issue 13, item 15)
+    first = run_one(_spec(2), work_dir=tmp_path, keep_checkpoint=True,
+                    progress=lambda r, e: calls.append((r, e)))
     assert not first.reused and first.status == "finished" and first.epochs_done == 2
     assert calls[0] == ("elu-lr0.01-seed0", 0) and calls[-1] == ("elu-lr0.01-seed0", 2)
     run_dir = tmp_path / "elu-lr0.01-seed0"
@@ -203,7 +207,7 @@ def test_run_one_reuses_resumes_extends_and_refuses(tmp_path) -> None:
     assert again.reused
     pd.testing.assert_frame_equal(first.frame, again.frame, check_exact=True)
 
-    longer = run_one(_spec(3), work_dir=tmp_path, resume=True)
+    longer = run_one(_spec(3), work_dir=tmp_path, resume=True, keep_checkpoint=True)
     assert not longer.reused and longer.resumed_from == 2 and longer.epochs_done == 3
     fresh = run_one(_spec(3), work_dir=tmp_path / "fresh")
     pd.testing.assert_frame_equal(longer.frame, fresh.frame, check_exact=True)
@@ -212,13 +216,16 @@ def test_run_one_reuses_resumes_extends_and_refuses(tmp_path) -> None:
         run_one(_spec(2), work_dir=tmp_path, resume=True)
     with pytest.raises(UsageError, match=r"holds a different run .*lr"):
         run_one(_spec(3, lr=0.02), work_dir=tmp_path, resume=True)
-    # without resume the folder is replaced
-    redo = run_one(_spec(2, lr=0.02), work_dir=tmp_path)
+    # without resume the folder is replaced only with overwrite (issue 13, item 6)
+    with pytest.raises(UsageError, match=r"--resume .* or --overwrite"):
+        run_one(_spec(2, lr=0.02), work_dir=tmp_path)
+    redo = run_one(_spec(2, lr=0.02), work_dir=tmp_path, overwrite=True)
     assert not redo.reused and json.loads((run_dir / "spec.json").read_text())["lr"] == 0.02
 
 
 @pytest.mark.slow
-def test_parallel_jobs_give_the_same_table(tmp_path) -> None:
+def test_parallel_jobs_give_the_same_table(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BIASSHIFT_CPUS", "2")  # two jobs without an oversubscription warning
     kw = {"quick": True, "epochs": 2, "seeds": 1, "activations": ["elu", "srelu"]}
     one = run_analysis(resolve_settings("activation-median", out=tmp_path / "o1",
                                         work_dir=tmp_path / "w1", **kw), progress=False)

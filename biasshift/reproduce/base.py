@@ -4,7 +4,10 @@ An analysis (one module in :mod:`biasshift.reproduce`, registered in
 :data:`biasshift.reproduce.ANALYSES`) declares
 
 * ``presets`` — ``"paper"`` (the default: the paper's dataset, network, epochs, seeds, learning
-  rates) and ``"quick"`` (the embedded digits, a few epochs; under two minutes on two cores);
+  rates) and ``"quick"`` (the embedded digits, a few epochs; under two minutes on two cores;
+  with ``--dataset mnist`` or ``fashion-mnist`` the quick preset trains on the first
+  :data:`QUICK_TRAIN_SIZE` training and :data:`QUICK_TEST_SIZE` test images, about the size of
+  the digits, so that it stays quick);
 * how one run's model, plug-ins and optimizer are built (:meth:`Analysis.build_model`,
   :meth:`Analysis.plugins`, :meth:`Analysis.optimizer`);
 * :meth:`Analysis.aggregate` — the tidy table of all runs (one row per run x epoch x layer x
@@ -61,6 +64,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "QUICK_TEST_SIZE",
+    "QUICK_TRAIN_SIZE",
     "TIDY_COLUMNS",
     "Analysis",
     "Preset",
@@ -72,6 +77,9 @@ __all__ = [
 TIDY_COLUMNS = ("analysis", "run", "dataset", "activation", "seed", "lr", "epoch", "layer",
                 "unit", "quantity", "value")
 DATASETS = ("mnist", "fashion-mnist", "digits")
+#: training / test images of the quick preset on MNIST and Fashion-MNIST (the digits have 1437/360)
+QUICK_TRAIN_SIZE = 1500
+QUICK_TEST_SIZE = 500
 
 
 class UsageError(ValueError):
@@ -100,8 +108,9 @@ class RunSpec:
     The run folder ``<work_dir>/<run>/`` keeps its ``spec.json``; a resume checks that the spec
     is the same (except ``epochs``, which may grow).  ``optimizer`` names the run's optimizer
     (``"sgd"``: the trainer's plain SGD) and ``options`` holds the analysis-specific settings
-    that shape the run; a ``spec.json`` written before these fields existed reads as ``"sgd"``
-    and ``{}``.
+    that shape the run; ``train_size`` / ``test_size`` limit the run to the first samples of
+    the dataset (``None``: all). A ``spec.json`` written before these fields existed reads as
+    ``"sgd"``, ``{}`` and ``None``.
     """
 
     analysis: str
@@ -116,6 +125,8 @@ class RunSpec:
     model: dict[str, Any]
     optimizer: str = "sgd"
     options: dict[str, Any] = field(default_factory=dict)
+    train_size: int | None = None
+    test_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +141,14 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Settings:
-    """Fully resolved settings of one ``biasshift reproduce NAME`` invocation."""
+    """Fully resolved settings of one ``biasshift reproduce NAME`` invocation.
+
+    ``resume`` reuses finished runs and continues checkpointed ones; ``overwrite`` discards
+    them instead (without either, a run folder that holds checkpointed work is an error).
+    ``keep_checkpoints`` keeps a finished run's ``checkpoint.pt`` (needed to extend it to more
+    epochs later; by default it is removed when the run finishes). ``jobs`` x ``threads``
+    default to the cores available (see ``resolve_settings``).
+    """
 
     analysis: str
     preset: str
@@ -150,6 +168,10 @@ class Settings:
     jobs: int = 1
     threads: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    keep_checkpoints: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
 
     @property
     def quick(self) -> bool:
@@ -257,4 +279,9 @@ class Analysis:
         return Path("figures") / "quick" if quick else Path("figures")
 
     def default_work_dir(self, quick: bool) -> Path:
-        return Path("runs") / "quick" / self.name if quick else Path("runs") / self.name
+        """``<user cache>/runs/[quick/]NAME``: ``$XDG_CACHE_HOME/biasshift/runs/...`` (without
+        ``XDG_CACHE_HOME``: ``~/.cache/biasshift/runs/...``), never the working directory."""
+        from biasshift.data.base import cache_dir
+
+        runs = cache_dir() / "runs"
+        return runs / "quick" / self.name if quick else runs / self.name

@@ -259,8 +259,8 @@ class NaturalGradientGap(Analysis):
             write_json(info, info_path)
         else:
             if not info_path.exists() or (tracked and not summary_path.exists()):
-                raise UsageError(f"{run_dir} lacks {INFO_NAME} or {SUMMARY_NAME}; drop "
-                                 "--resume to train the run again")
+                raise UsageError(f"{run_dir} lacks {INFO_NAME} or {SUMMARY_NAME}; rerun "
+                                 "with --overwrite instead of --resume to train the run again")
             info = json.loads(info_path.read_text())
             if tracked:
                 summ = pd.read_csv(summary_path, dtype={"run": str, "layer": str,

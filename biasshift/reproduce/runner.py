@@ -1,35 +1,59 @@
 """Running an analysis: resolve settings, train every run (resumably, optionally in parallel),
-aggregate the tidy table, plot, and write ``NAME.csv``, ``NAME.png``, ``NAME.pdf``, ``NAME.json``.
+aggregate the tidy table, plot, and publish ``NAME.csv``, ``NAME.png``, ``NAME.pdf``,
+``NAME.json`` as one unit (:func:`biasshift.io.publish_result_set`).
 
 Run folders
-    Each run trains in ``<work_dir>/<run-id>/`` (default ``runs/<name>/``, quick presets
-    ``runs/quick/<name>/``), which holds ``spec.json`` (what the run is), ``checkpoint.pt`` and
-    ``history.csv`` (rewritten atomically after every epoch) and, once the run is complete,
-    ``done.json``. With ``resume=True`` a complete run whose spec matches is reused as it is, a
-    partial one continues from its checkpoint (bit-identically on the CPU), and a run may be
-    extended to more epochs; a folder whose spec differs is an error (never silently mixed).
-    Without ``resume`` every run starts afresh and its folder's files are replaced.
+    Each run trains in ``<work_dir>/<run-id>/`` (default: the user cache,
+    ``$XDG_CACHE_HOME/biasshift/runs/<name>/`` or ``~/.cache/biasshift/runs/<name>/``, quick
+    presets ``.../runs/quick/<name>/``), which holds ``spec.json`` (what the run is),
+    ``checkpoint.pt`` and ``history.csv`` (rewritten atomically after every epoch) and, once the
+    run is complete, ``done.json`` (its spec, its data fingerprint, the SHA-256 and row count of
+    ``history.csv``).  A finished run's checkpoint is removed unless ``keep_checkpoints``.
+
+    With ``resume=True`` a complete run whose spec and data fingerprint match is reused as it is
+    (after checking every file it trusts: JSON that parses, a ``history.csv`` with the recorded
+    hash and one block of rows per epoch; a damaged file is named with the fix), a partial one
+    continues from its checkpoint (bit-identically on the CPU; the checkpoint carries its own
+    fingerprint, data included), and a run may be extended to more epochs when its checkpoint
+    was kept.  A folder made for other settings is an error naming both (never silently mixed).
+    Without ``resume`` a folder holding checkpointed work is an error too, unless
+    ``overwrite=True`` discards it: work is never thrown away silently.
+
+Locks and temporaries
+    :func:`run_analysis` holds an exclusive lock on the work dir (a second command on the same
+    ``--work-dir`` stops at once with a message) and :func:`run_one` one on its run folder; the
+    kernel drops them when the process dies. Under its lock a run folder is swept of the
+    temporaries a killed writer left behind.
 
 Parallelism
     ``jobs > 1`` trains runs in that many worker processes (spawn context); every run sets
-    ``torch.set_num_threads(threads)`` (default 1: the paper's small networks at batch 64 gain
-    little from intra-op threads, and OpenMP threads degrade badly on a busy machine; use
-    ``jobs`` to fill the cores). Results do not depend on ``jobs``; on the CPU they may depend on
-    ``threads`` (the order of floating-point reductions), so a resume should keep it.
+    ``torch.set_num_threads(threads)``. By default ``jobs`` x ``threads`` fill the cores
+    available to the process (``os.sched_getaffinity``; ``$BIASSHIFT_CPUS`` overrides): one
+    thread per run and as many jobs as runs and cores allow (the paper's small networks at batch
+    64 gain little from intra-op threads). More than the cores is warned about (oversubscribed
+    OpenMP threads made a run 25x slower). Results do not depend on ``jobs``; on the CPU they
+    may depend on ``threads`` (the order of floating-point reductions), so a resume should keep
+    it. Workers die with the main process, whatever kills it: they ask the kernel for SIGKILL
+    when their parent dies (``prctl(PR_SET_PDEATHSIG)`` on Linux) and check between epochs that
+    their parent is alive; an interrupted main process terminates its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +65,20 @@ from biasshift._names import unknown_name_error
 from biasshift.activations import activation_names
 from biasshift.data import load_dataset
 from biasshift.data.base import ArrayDataset
-from biasshift.io import provenance, write_csv, write_json
+from biasshift.io import (
+    FolderLock,
+    FolderLockedError,
+    file_sha256,
+    provenance,
+    publish_result_set,
+    sweep_temporaries,
+    writable_dir_problem,
+    write_json,
+)
 from biasshift.reproduce.base import (
     DATASETS,
+    QUICK_TEST_SIZE,
+    QUICK_TRAIN_SIZE,
     TIDY_COLUMNS,
     Analysis,
     Preset,
@@ -51,12 +86,12 @@ from biasshift.reproduce.base import (
     Settings,
     UsageError,
 )
-from biasshift.reproduce.plotting import save_figure
 from biasshift.reproduce.registry import get_analysis
-from biasshift.train.checkpoint import CheckpointError
+from biasshift.train.checkpoint import CheckpointError, data_fingerprint
 from biasshift.train.trainer import CHECKPOINT_NAME, HISTORY_NAME, Trainer
 
-__all__ = ["ReproduceResult", "RunOutcome", "resolve_settings", "run_analysis", "run_one"]
+__all__ = ["OversubscriptionWarning", "ReproduceResult", "RunOutcome", "WorkerDiedError",
+           "available_cores", "resolve_settings", "run_analysis", "run_one"]
 
 SPEC_NAME = "spec.json"
 DONE_NAME = "done.json"
@@ -65,6 +100,53 @@ ProgressFn = Callable[[str, int], None]
 
 
 # ---------------------------------------------------------------------------- settings
+class OversubscriptionWarning(UserWarning):
+    """``jobs`` x ``threads`` exceeds the cores available to this process."""
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on: ``$BIASSHIFT_CPUS`` when set (a positive
+    integer), else ``len(os.sched_getaffinity(0))`` where the platform has it (it honours
+    ``taskset`` and container CPU sets), else ``os.cpu_count()``."""
+    env = os.environ.get("BIASSHIFT_CPUS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise UsageError(f"$BIASSHIFT_CPUS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise UsageError(f"$BIASSHIFT_CPUS must be a positive integer, got {env!r}")
+        return n
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)  # pragma: no cover - macOS, Windows
+
+
+def _jobs_and_threads(jobs: int | None, threads: int | None, n_runs: int
+                      ) -> tuple[int, int]:
+    """Fill the cores: one thread per run and as many parallel runs as there are runs and
+    cores; when there are fewer runs than cores, the spare cores go to threads. Given values
+    are kept (the other one fills the rest); more than the cores is warned about."""
+    cores = available_cores()
+    if jobs is None and threads is None:
+        jobs = max(1, min(cores, n_runs))
+        threads = max(1, cores // jobs)
+    elif jobs is None:
+        assert threads is not None
+        jobs = max(1, min(n_runs, cores // threads))
+    elif threads is None:
+        threads = max(1, cores // min(jobs, n_runs))
+    used = min(jobs, n_runs) * threads
+    if used > cores:
+        warnings.warn(
+            f"--jobs {jobs} x --threads {threads} uses {used} cores, but this process may use "
+            f"only {cores}; "
+            "oversubscribed threads can make training many times slower. Leave --jobs and "
+            "--threads out to fill the cores, or lower them", OversubscriptionWarning,
+            stacklevel=3)
+    return jobs, threads
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -151,7 +233,9 @@ def resolve_settings(
     out: str | os.PathLike[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    jobs: int = 1,
+    overwrite: bool = False,
+    keep_checkpoints: bool = False,
+    jobs: int | None = None,
     threads: int | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Settings:
@@ -159,8 +243,13 @@ def resolve_settings(
 
     ``None`` keeps the preset's value. ``probe_size`` is an int or ``"all"``. ``options``
     overrides the preset's analysis-specific options (``{"damping": 1e-3}``; strings are
-    converted to the type of the preset's value, lists are comma-separated). Raises
-    :class:`UsageError` with a message that says what to change.
+    converted to the type of the preset's value, lists are comma-separated). ``jobs`` and
+    ``threads`` left at ``None`` fill the :func:`available_cores` (one thread per run, as many
+    parallel runs as runs and cores allow; on CUDA one job); jobs x threads above the cores warns
+    (:class:`OversubscriptionWarning`). The quick preset on MNIST or Fashion-MNIST trains on
+    the first :data:`~biasshift.reproduce.base.QUICK_TRAIN_SIZE` /
+    :data:`~biasshift.reproduce.base.QUICK_TEST_SIZE` images. Raises :class:`UsageError` with a
+    message that says what to change.
     """
     analysis = get_analysis(name)
     preset_name = "quick" if quick else "paper"
@@ -208,9 +297,14 @@ def resolve_settings(
         raise UsageError(f"device {device!r} requested but CUDA is not available here; "
                          "use --device cpu")
 
-    jobs = _positive_int("jobs", jobs)
-    if threads is None:
-        threads = 1
+    if jobs is not None:
+        jobs = _positive_int("jobs", jobs)
+    if threads is not None:
+        threads = _positive_int("threads", threads)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume keeps the "
+                         "checkpointed runs, --overwrite discards them")
+    subset = quick and ds != "digits"
     settings = Settings(
         analysis=analysis.name,
         preset=preset_name,
@@ -228,12 +322,19 @@ def resolve_settings(
         out=Path(out) if out is not None else analysis.default_out(quick),
         work_dir=Path(work_dir) if work_dir is not None else analysis.default_work_dir(quick),
         resume=bool(resume),
-        jobs=jobs,
-        threads=_positive_int("threads", threads),
+        jobs=1,
+        threads=1,
         options=_options(analysis, preset, options),
+        overwrite=bool(overwrite),
+        keep_checkpoints=bool(keep_checkpoints),
+        train_size=QUICK_TRAIN_SIZE if subset else None,
+        test_size=QUICK_TEST_SIZE if subset else None,
     )
     analysis.validate(settings)
-    return settings
+    if jobs is None and tdev.type == "cuda":
+        jobs = 1  # parallel runs would share the one GPU; threads only feed its host side
+    jobs, threads = _jobs_and_threads(jobs, threads, len(analysis.run_specs(settings)))
+    return replace(settings, jobs=jobs, threads=threads)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -249,6 +350,13 @@ class RunOutcome:
     resumed_from: int | None = None
     wall_s: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
+    probe_size: int | None = None  # the probe samples actually used (None: not recorded)
+
+    @property
+    def train_s(self) -> float:
+        """Seconds spent training this run's epochs, summed over every call that trained some
+        (the per-epoch times travel in the checkpoint)."""
+        return float(sum(self.epoch_seconds))
 
     def info(self) -> dict[str, Any]:
         secs = self.epoch_seconds
@@ -256,7 +364,8 @@ class RunOutcome:
             "run": self.spec.run, "activation": self.spec.activation, "seed": self.spec.seed,
             "lr": self.spec.lr, "status": self.status, "epochs_done": self.epochs_done,
             "reused": self.reused, "resumed_from_epoch": self.resumed_from,
-            "wall_s": round(self.wall_s, 3),
+            "wall_s": round(self.wall_s, 3), "train_s": round(self.train_s, 3),
+            "probe_size_used": self.probe_size,
             "median_epoch_s": round(float(np.median(secs)), 4) if secs else None,
         }
 
@@ -276,11 +385,65 @@ def _normalised(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
+def _damaged(path: Path, what: str, run_dir: Path) -> UsageError:
+    return UsageError(f"{path} is damaged ({what}); delete the run folder {run_dir} or rerun "
+                      "with --overwrite to train the run again")
+
+
+def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
+    """A run folder's JSON file, or a :class:`UsageError` naming the damaged file."""
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _damaged(path, f"not valid JSON: {err}", run_dir) from None
+    except UnicodeDecodeError:
+        raise _damaged(path, "not text", run_dir) from None
+    if not isinstance(obj, dict):
+        raise _damaged(path, f"a JSON {type(obj).__name__}, not an object", run_dir)
+    return obj
+
+
 def _read_history(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype={"run": str, "layer": str, "quantity": str, "unit": "Int64"},
                      keep_default_na=False,
                      na_values={"unit": [""], "value": ["", "NaN", "nan"]})
     df["value"] = df["value"].astype(float)
+    return df
+
+
+_HISTORY_COLUMNS = ("epoch", "layer", "unit", "quantity", "value")
+
+
+def _checked_history(path: Path, done: dict[str, Any], run_dir: Path) -> pd.DataFrame:
+    """``history.csv`` of a finished run, checked against its ``done.json``: the recorded
+    SHA-256 and row count (``done.json`` files of older versions lack them) and one set of rows
+    for every epoch 0..epochs_done."""
+    if not path.is_file():
+        raise _damaged(path, "missing although done.json says the run finished", run_dir)
+    digest = done.get("history_sha256")
+    if digest is not None and file_sha256(path) != digest:
+        raise _damaged(path, "not the file done.json was written with: truncated or changed",
+                       run_dir)
+    try:
+        df = _read_history(path)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise _damaged(path, f"not a readable CSV: {err}", run_dir) from None
+    missing = [c for c in _HISTORY_COLUMNS if c not in df.columns]
+    if missing:
+        raise _damaged(path, f"columns {missing} missing", run_dir)
+    rows = done.get("history_rows")
+    if rows is not None and len(df) != rows:
+        raise _damaged(path, f"{len(df)} rows, done.json recorded {rows}", run_dir)
+    want = list(range(int(done["epochs_done"]) + 1))
+    have = sorted(int(e) for e in df["epoch"].unique())
+    if have != want:
+        lacking = sorted(set(want) - set(have))
+        if lacking:
+            more = " ..." if len(lacking) > 5 else ""
+            what = f"epochs {lacking[:5]}{more} missing of 0..{want[-1]}"
+        else:
+            what = f"epochs {have[:5]}... instead of 0..{want[-1]}"
+        raise _damaged(path, what, run_dir)
     return df
 
 
@@ -300,6 +463,27 @@ def _with_spec_columns(history: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
     return df[list(TIDY_COLUMNS)]
 
 
+# fields added to RunSpec later read as these defaults in older spec.json files
+_SPEC_DEFAULTS = {"optimizer": "sgd", "options": {}, "train_size": None, "test_size": None}
+
+
+def _spec_diff(have: dict[str, Any], want: dict[str, Any]) -> str:
+    have = {**_SPEC_DEFAULTS, **have}
+    diff = sorted(k for k in set(want) | set(have) if k != "epochs" and have.get(k) != want.get(k))
+    return "; ".join(f"{k}: folder {have.get(k)!r}, now {want.get(k)!r}" for k in diff)
+
+
+def run_holds_work(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds trained epochs (a checkpoint, a history or a finished run)."""
+    d = Path(run_dir)
+    return any((d / n).exists() for n in (CHECKPOINT_NAME, HISTORY_NAME, DONE_NAME))
+
+
+def _refuse_discarding(run_dir: Path) -> UsageError:
+    return UsageError(f"{run_dir} holds checkpointed work of this run; pass --resume to reuse "
+                      "or continue it, or --overwrite to discard it and train afresh")
+
+
 def run_one(
     spec: RunSpec,
     *,
@@ -307,51 +491,109 @@ def run_one(
     device: str = "cpu",
     threads: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    keep_checkpoint: bool = False,
     data_dir: str | None = None,
     dataset: ArrayDataset | None = None,
     progress: ProgressFn | None = None,
 ) -> RunOutcome:
-    """Train (or reuse, or resume) one run in ``<work_dir>/<spec.run>/``; return its outcome."""
-    analysis = get_analysis(spec.analysis)
+    """Train (or reuse, or resume) one run in ``<work_dir>/<spec.run>/``; return its outcome.
+
+    The run folder is locked while this runs (:class:`~biasshift.io.FolderLock`; held by
+    another process: :class:`UsageError`) and swept of stale temporaries. ``resume`` reuses a
+    finished run or continues a checkpointed one; without it a folder holding trained epochs is
+    refused unless ``overwrite``. ``keep_checkpoint`` keeps ``checkpoint.pt`` once the run
+    has finished (removed otherwise; a run can then be reused but not extended).
+    ``dataset`` (the full dataset; the spec's ``train_size``/``test_size`` are applied here)
+    saves loading it again.
+    """
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other")
     run_dir = Path(work_dir) / spec.run
+    try:
+        lock = FolderLock(run_dir, what="run folder").acquire()
+    except FolderLockedError as err:
+        raise UsageError(str(err)) from None
+    try:
+        sweep_temporaries(run_dir)
+        return _run_locked(spec, run_dir, device=device, threads=threads, resume=resume,
+                           overwrite=overwrite, keep_checkpoint=keep_checkpoint,
+                           data_dir=data_dir, dataset=dataset, progress=progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | None,
+                resume: bool, overwrite: bool, keep_checkpoint: bool, data_dir: str | None,
+                dataset: ArrayDataset | None, progress: ProgressFn | None) -> RunOutcome:
+    analysis = get_analysis(spec.analysis)
     spec_path, done_path = run_dir / SPEC_NAME, run_dir / DONE_NAME
     hist_path, ckpt_path = run_dir / HISTORY_NAME, run_dir / CHECKPOINT_NAME
     want = _normalised(spec.to_dict())
     t0 = time.perf_counter()
+    ds = dataset if dataset is not None else _dataset(spec.dataset, data_dir)
+    if spec.train_size is not None or spec.test_size is not None:
+        ds = ds.subset(spec.train_size, spec.test_size)
+    data_id = data_fingerprint(ds)
 
     if resume and spec_path.exists():
-        # fields added to RunSpec later read as their defaults in older spec.json files
-        have = {"optimizer": "sgd", "options": {}, **json.loads(spec_path.read_text())}
-        diff = sorted(k for k in set(want) | set(have)
-                      if k != "epochs" and have.get(k) != want.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: folder {have.get(k)!r}, now {want.get(k)!r}" for k in diff)
+        detail = _spec_diff(_read_json(spec_path, run_dir), want)
+        if detail:
             raise UsageError(f"{run_dir} holds a different run ({detail}); choose another "
-                             "--work-dir or drop --resume to start afresh")
-        if done_path.exists() and hist_path.exists():
-            done = json.loads(done_path.read_text())
-            stopped = done.get("status") == "diverged" and done["epochs_done"] <= spec.epochs
+                             "--work-dir or pass --overwrite (without --resume) to discard it")
+        if done_path.exists():
+            done = _read_json(done_path, run_dir)
+            missing = [k for k in ("status", "epochs", "epochs_done") if k not in done]
+            if missing:
+                raise _damaged(done_path, f"lacks {', '.join(missing)}", run_dir)
+            if "spec" in done:
+                detail = _spec_diff(done["spec"], want)
+                if detail:
+                    raise UsageError(f"{done_path} records a different run than {spec_path} "
+                                     f"and this command ({detail}); pass --overwrite (without "
+                                     "--resume) to discard it")
+            if done.get("data") not in (None, data_id):
+                raise UsageError(f"{run_dir} was trained on other data (folder "
+                                 f"{done['data']!r}, now {data_id!r}); choose another "
+                                 "--work-dir or pass --overwrite (without --resume) to "
+                                 "discard it")
+            stopped = done["status"] == "diverged" and done["epochs_done"] <= spec.epochs
             if done["epochs"] == spec.epochs or stopped:
-                frame = analysis.run_frame(spec, _with_spec_columns(_read_history(hist_path),
-                                                                    spec), run_dir, None)
+                history = _checked_history(hist_path, done, run_dir)
+                try:
+                    frame = analysis.run_frame(spec, _with_spec_columns(history, spec),
+                                               run_dir, None)
+                except (ValueError, KeyError, pd.errors.ParserError) as err:
+                    if isinstance(err, UsageError):
+                        raise
+                    raise _damaged(run_dir, f"a file of the finished run is unreadable: "
+                                   f"{type(err).__name__}: {err}", run_dir) from None
                 if progress is not None:
                     progress(spec.run, spec.epochs)
                 return RunOutcome(spec, frame, done["status"], int(done["epochs_done"]),
                                   reused=True, wall_s=float(done.get("wall_s", 0.0)),
-                                  epoch_seconds=list(done.get("epoch_seconds", [])))
+                                  epoch_seconds=list(done.get("epoch_seconds", [])),
+                                  probe_size=done.get("probe_size"))
             if done["epochs"] > spec.epochs:
                 raise UsageError(f"{run_dir} was completed with {done['epochs']} epochs, more "
                                  f"than the {spec.epochs} asked for; pass --epochs "
-                                 f"{done['epochs']}, choose another --work-dir, or drop "
-                                 "--resume to start afresh")
+                                 f"{done['epochs']}, choose another --work-dir, or pass "
+                                 "--overwrite (without --resume) to start afresh")
             # fewer epochs than asked for: continue from the checkpoint
+            if not ckpt_path.exists():
+                raise UsageError(f"{run_dir} finished with {done['epochs']} epochs and its "
+                                 "checkpoint was removed, so it cannot be extended to "
+                                 f"{spec.epochs}; pass --overwrite (without --resume) to train "
+                                 "it afresh (--keep-checkpoints keeps finished runs' "
+                                 "checkpoints for later extension)")
     if not resume:
+        if run_holds_work(run_dir) and not overwrite:
+            raise _refuse_discarding(run_dir)
         for p in (done_path, hist_path, ckpt_path):
             p.unlink(missing_ok=True)
     done_path.unlink(missing_ok=True)
     write_json(want, spec_path)
 
-    ds = dataset if dataset is not None else _dataset(spec.dataset, data_dir)
     trainer = Trainer(
         lambda: analysis.build_model(spec, ds),
         ds,
@@ -378,26 +620,58 @@ def run_one(
     status = "diverged" if trainer.diverged else "finished"
     frame = analysis.run_frame(spec, _with_spec_columns(history, spec), run_dir, trainer)
     wall = time.perf_counter() - t0
+    probe = 0 if trainer.probe_index is None else int(trainer.probe_index.numel())
     write_json({"status": status, "epochs": spec.epochs, "epochs_done": trainer.epoch,
-                "wall_s": wall, "epoch_seconds": trainer.epoch_seconds}, done_path)
+                "wall_s": wall, "epoch_seconds": trainer.epoch_seconds, "probe_size": probe,
+                "data": data_id, "history_rows": len(history),
+                "history_sha256": file_sha256(hist_path), "spec": want}, done_path)
+    if not keep_checkpoint:
+        ckpt_path.unlink(missing_ok=True)
     if progress is not None:
         progress(spec.run, spec.epochs)
     return RunOutcome(spec, frame, status, trainer.epoch,
                       resumed_from=trainer.resumed_from, wall_s=wall,
-                      epoch_seconds=list(trainer.epoch_seconds))
+                      epoch_seconds=list(trainer.epoch_seconds), probe_size=probe)
 
 
 # ---------------------------------------------------------------------------- many runs
 _WORKER: dict[str, Any] = {}
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-def _init_worker(progress_queue: Any, threads: int | None) -> None:
+
+class WorkerDiedError(RuntimeError):
+    """A worker process of ``jobs > 1`` died (killed, out of memory); finished runs are kept."""
+
+
+def _die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``prctl``);
+    returns whether that was arranged."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return False
+
+
+def _init_worker(progress_queue: Any, threads: int | None, parent: int) -> None:
+    _die_with_parent()
+    _WORKER["parent"] = parent
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
     _WORKER["queue"] = progress_queue
     if threads is not None:
         torch.set_num_threads(threads)
 
 
 def _worker_report(run: str, epochs: int) -> None:
+    # between epochs: a worker whose parent is gone stops (where no death signal exists)
+    if os.getppid() != _WORKER.get("parent", os.getppid()):
+        os._exit(1)
     q = _WORKER.get("queue")
     if q is not None:
         q.put((run, epochs))
@@ -405,6 +679,21 @@ def _worker_report(run: str, epochs: int) -> None:
 
 def _worker_run(spec: RunSpec, kwargs: dict[str, Any]) -> RunOutcome:
     return run_one(spec, progress=_worker_report, **kwargs)
+
+
+def _stop_workers(ex: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers now (an interrupt or error in the main process must not
+    leave them training, nor wait for their runs to finish)."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
 
 
 class _Bar:
@@ -427,11 +716,16 @@ class _Bar:
         self.bar.close()
 
 
+def _run_kwargs(settings: Settings) -> dict[str, Any]:
+    return {"work_dir": str(settings.work_dir), "device": settings.device,
+            "threads": settings.threads, "resume": settings.resume,
+            "overwrite": settings.overwrite, "keep_checkpoint": settings.keep_checkpoints,
+            "data_dir": settings.data_dir}
+
+
 def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
              dataset: ArrayDataset, bar: _Bar) -> list[RunOutcome]:
-    kwargs = {"work_dir": str(settings.work_dir), "device": settings.device,
-              "threads": settings.threads, "resume": settings.resume,
-              "data_dir": settings.data_dir}
+    kwargs = _run_kwargs(settings)
     if settings.jobs == 1 or len(specs) == 1:
         return [run_one(s, dataset=dataset, progress=bar, **kwargs) for s in specs]
 
@@ -447,31 +741,33 @@ def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
                 return
             bar(run, epochs)
 
-    with ProcessPoolExecutor(max_workers=min(settings.jobs, len(specs)), mp_context=ctx,
+    ex = ProcessPoolExecutor(max_workers=min(settings.jobs, len(specs)), mp_context=ctx,
                              initializer=_init_worker,
-                             initargs=(progress_queue, settings.threads)) as ex:
+                             initargs=(progress_queue, settings.threads, os.getpid()))
+    try:
         futures: dict[Future[RunOutcome], int] = {
             ex.submit(_worker_run, s, kwargs): i for i, s in enumerate(specs)
         }
         pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                drain()
-                for f in done:
-                    results[futures[f]] = f.result()
-        except BrokenProcessPool as err:
-            raise RuntimeError(
-                "a worker process of --jobs died (out of memory? killed?); finished epochs are "
-                "checkpointed, rerun with --resume. From a script, call run_analysis with "
-                "jobs > 1 under `if __name__ == '__main__':` (spawned workers import the main "
-                "module)"
-            ) from err
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            drain()
+            for f in done:
+                results[futures[f]] = f.result()
         drain()
+    except BrokenProcessPool as err:
+        _stop_workers(ex)
+        raise WorkerDiedError(
+            "a worker process of --jobs died (out of memory? killed?); finished epochs are "
+            "checkpointed, rerun with --resume. From a script, call run_analysis with "
+            "jobs > 1 under `if __name__ == '__main__':` (spawned workers import the main "
+            "module)"
+        ) from err
+    except BaseException:
+        _stop_workers(ex)
+        raise
+    ex.shutdown(wait=True)
+    progress_queue.close()
     return [results[i] for i in range(len(specs))]
 
 
@@ -485,40 +781,82 @@ class ReproduceResult:
     wall_s: float
 
 
+def check_output_folders(settings: Settings) -> None:
+    """:class:`UsageError` unless ``--out`` and ``--work-dir`` can be created and written
+    (checked before any training; nothing is created)."""
+    for flag, path in (("--out", settings.out), ("--work-dir", settings.work_dir)):
+        problem = writable_dir_problem(path)
+        if problem is not None:
+            raise UsageError(f"{flag}: {problem}; choose another {flag} (or fix its "
+                             "permissions / free space)")
+
+
+def _refuse_discarding_any(specs: Sequence[RunSpec], settings: Settings) -> None:
+    if settings.resume or settings.overwrite:
+        return
+    held = [s.run for s in specs if run_holds_work(Path(settings.work_dir) / s.run)]
+    if held:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise UsageError(f"{settings.work_dir} already holds checkpointed work of {len(held)} of "
+                         f"these runs ({shown}); pass --resume to reuse and continue it, or "
+                         "--overwrite to discard it and train afresh")
+
+
 def run_analysis(settings: Settings, *, progress: bool = True,
                  command: str | None = None) -> ReproduceResult:
-    """Run every run of ``settings.analysis`` and write ``NAME.{csv,png,pdf,json}`` to ``out``.
+    """Run every run of ``settings.analysis`` and publish ``NAME.{csv,png,pdf,json}`` to ``out``.
+
+    Before any training, ``out`` and ``work_dir`` are checked (creatable, writable), the data
+    is loaded, the work dir is locked (another process using it: :class:`UsageError`) and, without
+    ``resume``/``overwrite``, run folders holding checkpointed work are refused.  The four
+    result files are published as one unit (:func:`biasshift.io.publish_result_set`; the JSON
+    records their SHA-256).
 
     ``progress`` shows an overall tqdm bar (hidden when stderr is not a terminal). Data problems
     raise the data module's :class:`~biasshift.data.DatasetNotFoundError` /
-    :class:`~biasshift.data.ChecksumError`; bad settings or run folders :class:`UsageError`.
+    :class:`~biasshift.data.ChecksumError`; bad settings or run folders :class:`UsageError`;
+    file system faults :class:`OSError` (finished runs are kept in the work dir either way).
     """
     t0 = time.perf_counter()
     analysis = get_analysis(settings.analysis)
     analysis.validate(settings)
+    check_output_folders(settings)
     dataset = _dataset(settings.dataset, settings.data_dir)  # fails early when data is missing
-    specs = analysis.run_specs(settings)
-    bar = _Bar(sum(s.epochs for s in specs), analysis.name, progress)
+    specs = [replace(s, train_size=settings.train_size, test_size=settings.test_size)
+             for s in analysis.run_specs(settings)]
     try:
-        outcomes = _execute(analysis, specs, settings, dataset, bar)
+        lock = FolderLock(settings.work_dir, what="work dir").acquire()
+    except FolderLockedError as err:
+        raise UsageError(f"{err} (--work-dir)") from None
+    try:
+        _refuse_discarding_any(specs, settings)
+        bar = _Bar(sum(s.epochs for s in specs), analysis.name, progress)
+        try:
+            outcomes = _execute(analysis, specs, settings, dataset, bar)
+        finally:
+            bar.close()
+        return _publish(analysis, settings, specs, outcomes, dataset, command, t0)
     finally:
-        bar.close()
-    df = analysis.aggregate([o.frame for o in outcomes], settings)
+        lock.release()
 
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / analysis.name
-    paths = {"csv": write_csv(df, stem.with_suffix(".csv"))}
+
+def _publish(analysis: Analysis, settings: Settings, specs: list[RunSpec],
+             outcomes: list[RunOutcome], dataset: ArrayDataset, command: str | None,
+             t0: float) -> ReproduceResult:
+    df = analysis.aggregate([o.frame for o in outcomes], settings)
     summary = analysis.summary(df, settings)
     fig = analysis.plot(df, settings)
-    for p in save_figure(fig, stem):
-        paths[p.suffix.lstrip(".")] = p
-    wall = time.perf_counter() - t0
+    stem = Path(settings.out) / analysis.name
+    n_train = (dataset.train_x.shape[0] if settings.train_size is None
+               else min(settings.train_size, dataset.train_x.shape[0]))
+    requested = settings.probe_size
+    probe_used = n_train if requested is None else min(requested, n_train)
     extra: dict[str, Any] = {}
     if command is not None:
         extra["command"] = command
     if summary is not None:
         extra["summary"] = summary
+    outputs = {k: str(stem.with_suffix(f".{k}")) for k in ("csv", "png", "pdf")}
     record = provenance(
         **extra,
         analysis=analysis.name,
@@ -530,13 +868,29 @@ def run_analysis(settings: Settings, *, progress: bool = True,
         device_name=(torch.cuda.get_device_name(torch.device(settings.device))
                      if settings.device.startswith("cuda") else "cpu"),
         settings=settings.to_dict(),
+        n_train=int(n_train),
+        probe_size_used=int(probe_used),
         n_runs=len(specs),
         n_diverged=sum(o.status == "diverged" for o in outcomes),
         n_reused=sum(o.reused for o in outcomes),
         runs=[o.info() for o in outcomes],
         tidy_columns=list(analysis.tidy_columns),
-        outputs={k: str(v) for k, v in paths.items()},
-        wall_time_s=round(wall, 3),
+        outputs=outputs,
     )
-    paths["json"] = write_json(record, stem.with_suffix(".json"))
+    # the time of this call, and the training time of every run summed over all the calls
+    # that trained it (with --jobs N, N runs overlap in time)
+    wall = time.perf_counter() - t0
+    record["wall_time_s"] = round(wall, 3)
+    record["wall_time_total_s"] = round(sum(o.train_s for o in outcomes), 3)
+
+    def write_csv_to(path: Path) -> None:
+        df.to_csv(path, index=False)
+
+    def figure_writer(fmt: str) -> Callable[[Path], None]:
+        return lambda path: fig.savefig(path, format=fmt, dpi=150)
+
+    published = publish_result_set(
+        stem, {"csv": write_csv_to, "png": figure_writer("png"), "pdf": figure_writer("pdf")},
+        record)
+    paths = {k: published[k] for k in ("csv", "png", "pdf", "json")}
     return ReproduceResult(paths=paths, frame=df, outcomes=outcomes, wall_s=wall)

@@ -3,25 +3,52 @@
 A checkpoint is a plain dictionary of tensors and Python values, saved with :func:`torch.save`
 and read back with ``torch.load(weights_only=True)``, so loading one never runs pickled code.
 A run killed while a checkpoint is being written keeps the previous checkpoint intact.
+
+A checkpoint carries the fingerprint of the run it belongs to (see ``Trainer``), including
+:func:`data_fingerprint`: the dataset's name, sizes and a hash of a few of its samples, so a
+checkpoint made on other data (another dataset, a subset, other preprocessing) is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from biasshift.data.base import ArrayDataset
+
 from biasshift.io import atomic_open
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "data_fingerprint", "load_checkpoint",
+           "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable, another format, or made for a different run."""
+
+
+def data_fingerprint(dataset: ArrayDataset, samples: int = 8) -> str:
+    """``"<name>:<n_train>/<n_test>:<hash>"``: the hash (SHA-256, 16 hex digits) covers the
+    shapes, dtypes and bytes of ``samples`` evenly spaced training and test samples and their
+    labels, on the CPU (the same on every device).  Cheap (a few samples are copied to the host);
+    not for hot paths.
+    """
+    h = hashlib.sha256()
+    for x, y in ((dataset.train_x, dataset.train_y), (dataset.test_x, dataset.test_y)):
+        n = int(x.shape[0])
+        idx = torch.linspace(0, max(n - 1, 0), min(samples, n)).round().long()
+        for t in (x, y):
+            part = t[idx.to(t.device)].detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(part.numpy().tobytes())
+    return (f"{dataset.name}:{int(dataset.train_x.shape[0])}/{int(dataset.test_x.shape[0])}:"
+            f"{h.hexdigest()[:16]}")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -73,7 +73,12 @@ from biasshift.monitor.probe import ProbeStatistics, probe_statistics
 from biasshift.monitor.selection import (
     ModuleSpec,
 )
-from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from biasshift.train.checkpoint import (
+    CheckpointError,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from biasshift.train.plugins import Plugin
 
 __all__ = ["HISTORY_COLUMNS", "LOSSES", "Trainer", "derive_seed"]
@@ -420,7 +425,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _fingerprint(self) -> dict[str, Any]:
+        if getattr(self, "_data_fingerprint", None) is None:
+            self._data_fingerprint = data_fingerprint(self.dataset)
         return {
+            "data": self._data_fingerprint,
             "loss": self.loss,
             "lr": self.lr,
             "batch_size": self.batch_size,
@@ -458,7 +466,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (checks that it was made for this run's configuration)."""
         saved, now = state.get("config", {}), self._fingerprint()
-        diff = [k for k in now if saved.get(k) != now[k]]
+        # checkpoints written before the data fingerprint existed lack "data"
+        diff = [k for k in now if saved.get(k) != now[k] and not (k == "data" and k not in saved)]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in diff)
             where = self.checkpoint_path or "the state"
