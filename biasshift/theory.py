@@ -44,6 +44,16 @@ Conventions (all functions)
       (``c → c + λ``, ``A → A + λI``, ``b`` unchanged).  Theorems 1 and 2 then hold exactly for the
       damped matrix, with ``E_q(a)`` read as ``b / (c + λ)`` and ``k = s (c + λ)(1 − E_p(a)ᵀA⁻¹b)``
       (which equals the paper's ``k`` when ``λ = 0``).
+    * **Only the lower triangle of ``F`` is read** (Cholesky and ``eigvalsh`` convention): an
+      ``F`` whose upper triangle differs would silently give the values of another matrix.  So
+      every public function that takes ``F`` first checks it, with one host synchronisation:
+      ``F`` must be a real floating-point tensor, finite (no NaN/inf), and symmetric to
+      ``3.5e-4`` (``√eps`` of float32) of its largest entry per unit; otherwise a
+      ``ValueError`` names the function, the units and the fix (symmetrise with
+      ``(F + F.mT) / 2``).  Shapes must match exactly (nothing is broadcast) and ``damping``
+      must be finite.
+      :func:`natural_gradient_factors` skips the value checks with ``check=False``, so a caller
+      that fills only the lower triangle (the optimiser) can pass such an ``F``.
     * Solves use a Cholesky factorisation.  A Fisher block that is not numerically positive
       definite (a Cholesky pivot below ``n·eps`` of its diagonal entry, Jacobi-scaled) raises
       :class:`SingularFisherError`, which gives the smallest eigenvalue and suggests ``damping``.
@@ -52,6 +62,7 @@ Conventions (all functions)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -116,6 +127,119 @@ class SingularFisherError(torch.linalg.LinAlgError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------
+# Input checks (called at the entry of the public functions)
+# --------------------------------------------------------------------------------------------
+
+def _check_real(fn: str, name: str, x: object) -> None:
+    """``x`` must be a real floating-point tensor (integer F fails in Cholesky, complex F is not
+    a unit Fisher)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{fn}: {name} is complex ({x.dtype}); unit Fisher blocks, gradients and "
+                        "moments are real: pass a real float32/float64 tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; pass a floating-point tensor, e.g. "
+                        f"{name}.double()")
+
+
+def _check_args(fn: str, dims: dict[str, int] | None = None, /,
+                **args: tuple[Tensor | None, tuple[str, ...]]) -> dict[str, int]:
+    """Check that each ``name=(tensor, pattern)`` is real and has exactly the shape ``pattern``.
+
+    ``pattern`` names each dimension (``("units", "n")``); a name takes the size it first has
+    (in ``dims`` or in an earlier argument), and every later use must agree: nothing is broadcast.
+    ``None`` tensors are skipped. Returns the sizes bound.
+    """
+    dims = dict(dims or {})
+    for name, (x, pattern) in args.items():
+        if x is None:
+            continue
+        _check_real(fn, name, x)
+        bound = dict(dims)
+        ok = x.ndim == len(pattern)
+        for sym, d in zip(pattern, x.shape if ok else (), strict=False):
+            ok = ok and bound.setdefault(sym, d) == d
+        if not ok:
+            want = ", ".join(pattern)
+            sizes = ", ".join(str(dims.get(sym, "?")) for sym in pattern)
+            raise ValueError(
+                f"{fn}: {name} must be ({want}) = ({sizes}) to match the other arguments, got "
+                f"shape {tuple(x.shape)} (shapes are checked exactly, never broadcast)"
+            )
+        dims = bound
+    return dims
+
+
+def _check_fisher_input(fn: str, F: Tensor, damping: float = 0.0, *, grad: Tensor | None = None,
+                        E_p_a: Tensor | None = None, bias: bool = True,
+                        values: bool = True) -> None:
+    """The entry check of every public function taking ``F``: types, exact shapes, a finite
+    ``damping``, and (``values=True``, one host synchronisation) a finite, symmetric ``F``."""
+    _check_real(fn, "F", F)
+    m_min = 2 if bias else 1
+    if F.ndim != 3 or F.shape[-1] != F.shape[-2] or F.shape[-1] < m_min:
+        what = ("(units, n+1, n+1) with the bias at index 0 (m = n+1 >= 2)" if bias
+                else "(units, m, m)")
+        raise ValueError(f"{fn}: F must be a batch of unit Fisher blocks (units, m, m) = {what}, "
+                         f"got shape {tuple(F.shape)}")
+    _check_damping(damping)
+    units, m = F.shape[0], F.shape[-1]
+    _check_args(fn, {"units": units, "n+1": m, "n": m - 1, "m": m},
+                grad=(grad, ("units", "n+1") if bias else ("units", "m")),
+                E_p_a=(E_p_a, ("units", "n")))
+    if values and F.numel():
+        _check_fisher_values(fn, F)
+
+
+def _check_fisher_values(fn: str, F: Tensor) -> None:
+    """``F`` must be finite and symmetric (``|F − Fᵀ| ≤ 3.5e-4 · max|F|`` per unit, √eps of
+    float32, so rounding in a float32 estimate passes): only its lower triangle is read, so an
+    asymmetric ``F`` would silently give another matrix's values."""
+    Fd = F.detach()
+    finite = torch.isfinite(Fd).flatten(1).all(-1)
+    asym = (Fd - Fd.mT).abs().flatten(1).amax(-1)
+    scale = Fd.abs().flatten(1).amax(-1)
+    # √eps of float32 (3.5e-4) even for float64: a float32 estimate cast to float64 passes
+    rtol = math.sqrt(max(torch.finfo(F.dtype).eps, torch.finfo(torch.float32).eps))
+    asymmetric = ~(asym <= rtol * scale)
+    if not bool((~finite | asymmetric).any()):  # the one host synchronisation
+        return
+
+    def shown(mask: Tensor) -> str:
+        idx = torch.nonzero(mask).flatten().tolist()
+        return f"{len(idx)} unit(s) (unit " + ", ".join(map(str, idx[:10])) \
+            + (" ...)" if len(idx) > 10 else ")")
+
+    if not bool(finite.all()):
+        raise ValueError(
+            f"{fn}: F has NaN or inf entries in {shown(~finite)}; a unit Fisher is finite. "
+            "Check the statistics it was estimated from (a diverging run, a NaN loss, an "
+            "overflow in float16/float32) and skip or re-estimate those units."
+        )
+    worst = int(torch.argmax(torch.where(asymmetric, asym / scale.clamp_min(1e-300),
+                                         torch.zeros_like(asym))))
+    raise ValueError(
+        f"{fn}: F is not symmetric in {shown(asymmetric)}: unit {worst} has max |F - F^T| = "
+        f"{float(asym[worst]):.3g} against max |F| = {float(scale[worst]):.3g}. These functions "
+        "read only the lower triangle of F, so the upper one would be ignored silently. Pass "
+        "the full symmetric matrix, e.g. (F + F.mT) / 2, or (natural_gradient_factors) "
+        "check=False when only the lower triangle is filled on purpose."
+    )
+
+
+def _check_moments(fn: str, E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> None:
+    _check_args(fn, E_p_delta2=(E_p_delta2, ("units",)), E_q_a=(E_q_a, ("units", "n")),
+                E_q_aa=(E_q_aa, ("units", "n", "n")))
+
+
+def _check_bias_shift(update: Tensor, E_p_a: Tensor) -> None:
+    dims = _check_args("bias_shift", update=(update, ("units", "n+1")))
+    _check_args("bias_shift", {"units": dims["units"], "n": dims["n+1"] - 1},
+                E_p_a=(E_p_a, ("units", "n")))
+
+
+# --------------------------------------------------------------------------------------------
 # Moments from samples
 # --------------------------------------------------------------------------------------------
 
@@ -145,6 +269,8 @@ def E_q(a: Tensor, delta2: Tensor) -> Tensor:
     Returns:
         ``(units, n)``.
     """
+    _check_real("E_q", "a", a)
+    _check_real("E_q", "delta2", delta2)
     w = _weights(delta2)
     a = _shared_or_batched(a, *w.shape)
     return torch.matmul(w.unsqueeze(-2), a).squeeze(-2) / w.sum(-1, keepdim=True)
@@ -152,6 +278,8 @@ def E_q(a: Tensor, delta2: Tensor) -> Tensor:
 
 def E_q_outer(a: Tensor, delta2: Tensor) -> Tensor:
     r"""``E_q(a aᵀ) = E_p(δ² a aᵀ) / E_p(δ²)``, shape ``(units, n, n)``."""
+    _check_real("E_q_outer", "a", a)
+    _check_real("E_q_outer", "delta2", delta2)
     w = _weights(delta2)
     a = _shared_or_batched(a, *w.shape)
     wa = w.unsqueeze(-1) * a
@@ -166,6 +294,8 @@ def Var_q(a: Tensor, delta2: Tensor) -> Tensor:
 
 def Cov_p(delta2: Tensor, a: Tensor) -> Tensor:
     r"""``Cov_p(δ², a) = E_p(δ² a) − E_p(δ²) E_p(a)``, shape ``(units, n)``."""
+    _check_real("Cov_p", "a", a)
+    _check_real("Cov_p", "delta2", delta2)
     w = _weights(delta2)
     a = _shared_or_batched(a, *w.shape)
     m = w.shape[1]
@@ -176,6 +306,8 @@ def Cov_p(delta2: Tensor, a: Tensor) -> Tensor:
 
 def E_q_from_Cov(E_p_a: Tensor, E_p_delta2: Tensor, cov: Tensor) -> Tensor:
     r"""Section 2: ``E_q(a) = E_p(a) + E_p(δ²)⁻¹ Cov_p(δ², a)``."""
+    _check_args("E_q_from_Cov", E_p_a=(E_p_a, ("units", "n")),
+                E_p_delta2=(E_p_delta2, ("units",)), cov=(cov, ("units", "n")))
     return E_p_a + cov / E_p_delta2.unsqueeze(-1)
 
 
@@ -195,6 +327,7 @@ class FisherBlocks:
 
 def fisher_blocks(E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> FisherBlocks:
     r"""``c = E_p(δ²)``, ``b = E_p(δ²) E_q(a)``, ``A = E_p(δ²) E_q(a aᵀ)`` (Section 2)."""
+    _check_moments("fisher_blocks", E_p_delta2, E_q_a, E_q_aa)
     return FisherBlocks(
         c=E_p_delta2, b=E_p_delta2.unsqueeze(-1) * E_q_a, A=E_p_delta2[:, None, None] * E_q_aa
     )
@@ -202,6 +335,7 @@ def fisher_blocks(E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> FisherBl
 
 def fisher_from_moments(E_p_delta2: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> Tensor:
     r"""Assemble ``F = E_p(δ²) E_q(ã ãᵀ) = [[c, bᵀ], [b, A]]``, shape ``(units, n+1, n+1)``."""
+    _check_moments("fisher_from_moments", E_p_delta2, E_q_a, E_q_aa)
     blk = fisher_blocks(E_p_delta2, E_q_a, E_q_aa)
     units, n = blk.b.shape
     F = blk.A.new_empty(units, n + 1, n + 1)
@@ -222,6 +356,7 @@ def _check_fisher(F: Tensor) -> None:
 
 def split_fisher(F: Tensor, damping: float = 0.0) -> FisherBlocks:
     """Split ``F + λI`` into ``c + λ``, ``b`` and ``A + λI`` (index 0 is the bias)."""
+    _check_real("split_fisher", "F", F)
     _check_fisher(F)
     _check_damping(damping)
     c = F[:, 0, 0]
@@ -244,8 +379,9 @@ def moments_from_fisher(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 def _check_damping(damping: float) -> None:
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-        raise ValueError(f"damping must be a float >= 0 (F + damping*I), got {damping!r}")
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0 \
+            or not math.isfinite(damping):
+        raise ValueError(f"damping must be a finite float >= 0 (F + damping*I), got {damping!r}")
 
 
 class _Solver:
@@ -288,6 +424,15 @@ def _raise_singular(F: Tensor, bad: Tensor, damping: float, *, layer: str | None
     """Raise :class:`SingularFisherError` for the flagged blocks of ``F`` (already damped)."""
     idx = torch.nonzero(bad).flatten()
     sub = F[idx].to(torch.float64)
+    if not bool(torch.isfinite(sub).all()):  # eigvalsh would fail while building the message
+        where = f"layer {layer!r}: " if layer else ""
+        units = [int(i) + unit_offset for i in idx.tolist()]
+        raise SingularFisherError(
+            f"{where}the unit Fisher block {what} of {len(units)} unit(s) (unit "
+            f"{', '.join(map(str, units[:10]))}{' ...' if len(units) > 10 else ''}) has NaN or inf "
+            "entries; check the statistics it was estimated from (a diverging run, a NaN loss).",
+            units=units, layer=layer,
+        )
     eig = torch.linalg.eigvalsh(sub)
     lam_min = float(eig[:, 0].min())
     lam_max = float(eig[:, -1].max())
@@ -431,12 +576,14 @@ def natural_gradient(F: Tensor, grad: Tensor, damping: float = 0.0) -> Tensor:
     Raises:
         SingularFisherError: a block is singular (gives the smallest eigenvalue).
     """
+    _check_fisher_input("natural_gradient", F, damping, grad=grad)
     return _from_fisher(F, grad, None, damping).natural
 
 
 def uncorrected_update(F: Tensor, grad: Tensor, damping: float = 0.0) -> Tensor:
     r"""The natural gradient without the bias-shift correction (``b = 0``, ``s = c⁻¹``):
     ``(c⁻¹ g₀, A⁻¹ g)``."""
+    _check_fisher_input("uncorrected_update", F, damping, grad=grad)
     return _from_fisher(F, grad, None, damping).uncorrected
 
 
@@ -446,18 +593,22 @@ def natural_gradient_correction(F: Tensor, grad: Tensor, damping: float = 0.0) -
     Equals ``(s(g₀ − bᵀA⁻¹g) − c⁻¹g₀,  −Δw₀ A⁻¹b)``: what the interaction between the bias unit
     and the incoming units (``b ≠ 0``) changes in the update.
     """
+    _check_fisher_input("natural_gradient_correction", F, damping, grad=grad)
     q = _from_fisher(F, grad, None, damping)
     return q.natural - q.uncorrected
 
 
 def s_from_fisher(F: Tensor, damping: float = 0.0) -> Tensor:
     r"""Theorem 1: ``s = (c − bᵀA⁻¹b)⁻¹`` (the inverse Schur complement of ``A``), ``(units,)``."""
+    _check_fisher_input("s_from_fisher", F, damping)
     zero = F.new_zeros(F.shape[:-1])
     return _from_fisher(F, zero, None, damping).s
 
 
 def s_from_moments(E_p_delta2: Tensor, E_q_a: Tensor, Var_q_a: Tensor) -> Tensor:
     r"""Theorem 1: ``s = E_p(δ²)⁻¹ (1 + E_q(a)ᵀ Var_q(a)⁻¹ E_q(a))``."""
+    _check_args("s_from_moments", E_p_delta2=(E_p_delta2, ("units",)),
+                E_q_a=(E_q_a, ("units", "n")), Var_q_a=(Var_q_a, ("units", "n", "n")))
     x = _spd_solve(Var_q_a, E_q_a)
     return (1 + _dot(E_q_a, x)) / E_p_delta2
 
@@ -468,6 +619,7 @@ def k_from_fisher(F: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Tensor:
     With ``λ = 0`` this is the mixed form ``(1 − E_pᵀE_q(aaᵀ)⁻¹E_q)(1 − E_qᵀE_q(aaᵀ)⁻¹E_q)⁻¹``
     and equals ``1 + (E_q(a) − E_p(a))ᵀ Var_q(a)⁻¹ E_q(a)``.
     """
+    _check_fisher_input("k_from_fisher", F, damping, E_p_a=E_p_a)
     zero = F.new_zeros(F.shape[:-1])
     q = _from_fisher(F, zero, E_p_a, damping)
     assert q.k is not None
@@ -476,17 +628,24 @@ def k_from_fisher(F: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Tensor:
 
 def k_from_moments(E_p_a: Tensor, E_q_a: Tensor, Var_q_a: Tensor) -> Tensor:
     r"""Theorem 2: ``k = 1 + (E_q(a) − E_p(a))ᵀ Var_q(a)⁻¹ E_q(a)``."""
+    _check_args("k_from_moments", E_p_a=(E_p_a, ("units", "n")), E_q_a=(E_q_a, ("units", "n")),
+                Var_q_a=(Var_q_a, ("units", "n", "n")))
     return 1 + _dot(E_q_a - E_p_a, _spd_solve(Var_q_a, E_q_a))
 
 
 def k_from_Cov(E_p_delta2: Tensor, Cov_p_delta2_a: Tensor, E_q_a: Tensor,
                Var_q_a: Tensor) -> Tensor:
     r"""Theorem 2: ``k = 1 + E_p(δ²)⁻¹ Cov_p(δ², a)ᵀ Var_q(a)⁻¹ E_q(a)``."""
+    _check_args("k_from_Cov", E_p_delta2=(E_p_delta2, ("units",)),
+                Cov_p_delta2_a=(Cov_p_delta2_a, ("units", "n")), E_q_a=(E_q_a, ("units", "n")),
+                Var_q_a=(Var_q_a, ("units", "n", "n")))
     return 1 + _dot(Cov_p_delta2_a, _spd_solve(Var_q_a, E_q_a)) / E_p_delta2
 
 
 def k_mixed(E_p_a: Tensor, E_q_a: Tensor, E_q_aa: Tensor) -> Tensor:
     r"""Appendix: ``k = (1 − E_p(a)ᵀE_q(aaᵀ)⁻¹E_q(a)) (1 − E_q(a)ᵀE_q(aaᵀ)⁻¹E_q(a))⁻¹``."""
+    _check_args("k_mixed", E_p_a=(E_p_a, ("units", "n")), E_q_a=(E_q_a, ("units", "n")),
+                E_q_aa=(E_q_aa, ("units", "n", "n")))
     x = _spd_solve(E_q_aa, E_q_a)
     return (1 - _dot(E_p_a, x)) / (1 - _dot(E_q_a, x))
 
@@ -497,12 +656,14 @@ def bias_shift(update: Tensor, E_p_a: Tensor) -> Tensor:
     ``update`` is ``(units, n+1)`` with the bias at index 0; applied to the gradient itself it
     gives the plain-gradient (SGD direction) bias shift ``g₀ + E_p(a)ᵀ g``.
     """
+    _check_bias_shift(update, E_p_a)
     return update[:, 0] + _dot(E_p_a, update[:, 1:])
 
 
 def bias_shift_uncorrected(F: Tensor, grad: Tensor, E_p_a: Tensor,
                            damping: float = 0.0) -> Tensor:
     r"""Bias shift of the uncorrected natural gradient (``b = 0``): ``E_p(a)ᵀA⁻¹g + c⁻¹g₀``."""
+    _check_fisher_input("bias_shift_uncorrected", F, damping, grad=grad, E_p_a=E_p_a)
     q = _from_fisher(F, grad, E_p_a, damping)
     assert q.bias_shift_uncorrected is not None
     return q.bias_shift_uncorrected
@@ -510,6 +671,7 @@ def bias_shift_uncorrected(F: Tensor, grad: Tensor, E_p_a: Tensor,
 
 def bias_shift_natural(F: Tensor, grad: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Tensor:
     r"""Bias shift of the unit natural gradient: ``Δw₀ + E_p(a)ᵀΔw``, ``(Δw₀, Δw) = F⁻¹grad``."""
+    _check_fisher_input("bias_shift_natural", F, damping, grad=grad, E_p_a=E_p_a)
     q = _from_fisher(F, grad, E_p_a, damping)
     assert q.bias_shift_natural is not None
     return q.bias_shift_natural
@@ -537,6 +699,7 @@ def theorem2(F: Tensor, grad: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Th
     ``bias_shift`` is that sum; compare it with :func:`bias_shift_natural` (the direct
     ``Δw₀ + E_p(a)ᵀΔw``) to check the theorem.
     """
+    _check_fisher_input("theorem2", F, damping, grad=grad, E_p_a=E_p_a)
     q = _from_fisher(F, grad, E_p_a, damping)
     assert q.k is not None and q.mean_term is not None and q.bias_term is not None
     return Theorem2(k=q.k, E_q_a=q.E_q_a, mean_term=q.mean_term, bias_term=q.bias_term,
@@ -545,6 +708,7 @@ def theorem2(F: Tensor, grad: Tensor, E_p_a: Tensor, damping: float = 0.0) -> Th
 
 def condition_number(F: Tensor, damping: float = 0.0) -> Tensor:
     """The 2-norm condition number ``λ_max / λ_min`` of ``F + λI`` per unit (``eigvalsh``)."""
+    _check_fisher_input("condition_number", F, damping, bias=False)
     _check_damping(damping)
     if F.ndim != 3 or F.shape[-1] != F.shape[-2]:
         raise ValueError(f"F must be (units, m, m), got shape {tuple(F.shape)}")
@@ -570,6 +734,7 @@ def block_inverse(F: Tensor, damping: float = 0.0) -> Tensor:
         [[ s,          −s bᵀA⁻¹             ],
          [ −s A⁻¹b,    A⁻¹ + s A⁻¹b bᵀA⁻¹   ]]
     """
+    _check_fisher_input("block_inverse", F, damping)
     blk = split_fisher(F, damping)
     solver = cholesky_solver(blk.A)
     n = blk.b.shape[-1]
@@ -592,6 +757,8 @@ def block_inverse(F: Tensor, damping: float = 0.0) -> Tensor:
 
 def quadratic_form_second_moment(E_a: Tensor, E_aa: Tensor) -> Tensor:
     r"""Appendix: ``E(a)ᵀ E(a aᵀ)⁻¹ E(a)`` (``< 1``)."""
+    _check_args("quadratic_form_second_moment", E_a=(E_a, ("units", "n")),
+                E_aa=(E_aa, ("units", "n", "n")))
     return _dot(E_a, _spd_solve(E_aa, E_a))
 
 
@@ -600,6 +767,8 @@ def quadratic_form_sherman_morrison(E_a: Tensor, Var_a: Tensor) -> Tensor:
 
     Equals :func:`quadratic_form_second_moment` since ``E(aaᵀ) = Var(a) + E(a)E(a)ᵀ``.
     """
+    _check_args("quadratic_form_sherman_morrison", E_a=(E_a, ("units", "n")),
+                Var_a=(Var_a, ("units", "n", "n")))
     return 1 - 1 / (1 + _dot(E_a, _spd_solve(Var_a, E_a)))
 
 
@@ -676,6 +845,7 @@ def natural_gradient_factors(F: Tensor, damping: float = 0.0, *, bias: bool = Tr
         The factors; ``apply_natural_gradient(factors, grad)`` equals
         ``natural_gradient(F, grad, damping)`` (with a bias) or ``(F + λI)⁻¹ grad`` (without).
     """
+    _check_fisher_input("natural_gradient_factors", F, damping, bias=bias, values=check)
     if F.ndim != 3 or F.shape[-1] != F.shape[-2] or F.shape[-1] < (2 if bias else 1):
         raise ValueError(
             "F must be a batch of unit Fisher blocks (units, m, m)"
@@ -716,6 +886,7 @@ def apply_natural_gradient(factors: NaturalGradientFactors, grad: Tensor) -> Ten
     ``Δw₀ = s (g₀ − (A⁻¹b)ᵀg)``, ``Δw = A⁻¹g − Δw₀ A⁻¹b`` (with a bias unit), else
     ``(A + λI)⁻¹ g``.  No host synchronisation.
     """
+    _check_real("apply_natural_gradient", "grad", grad)
     m = factors.factor.shape[-1] + int(factors.bias)
     if grad.shape != (factors.factor.shape[0], m):
         raise ValueError(

@@ -350,6 +350,7 @@ def test_search_order_data_dir_then_env_then_cache(env: Path, monkeypatch: pytes
         explicit / "cifar-10-batches-py"
     # the files directly in data_dir
     assert find_cifar_files("cifar10", w["folder"], checksums=md5) == w["folder"]
+    (env / "nothing").mkdir()  # an existing folder without the files falls through
     assert find_cifar_files("cifar10", env / "nothing", checksums=md5) == \
         env / "envroot" / "cifar10" / "cifar-10-batches-py"
     monkeypatch.delenv("BIASSHIFT_DATA")
@@ -368,6 +369,7 @@ def test_partial_folder_is_an_error(env: Path):
 def test_not_found_offline_names_files_places_and_the_fallback(env: Path,
                                                                 monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("BIASSHIFT_DATA", str(env / "envroot"))
+    (env / "mine").mkdir()  # exists, but holds no files
     with pytest.raises(DatasetNotFoundError) as info:
         load_cifar("cifar100", data_dir=env / "mine")
     msg = str(info.value)

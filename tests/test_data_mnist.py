@@ -3,10 +3,13 @@ the embedded digits, :class:`ArrayDataset` and :func:`batch_indices`."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import io
 import shutil
 import struct
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +30,7 @@ from biasshift.data import (
 )
 from biasshift.data import mnist as mnist_mod
 from biasshift.data.files import md5sum
+from biasshift.data.mnist import content_md5
 
 FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -57,8 +61,8 @@ def write_synthetic(folder: Path, n_train: int = 30, n_test: int = 12, seed: int
 def patch_md5_table(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str = "mnist") -> None:
     """Make ``folder``'s files the canonical ones of ``name`` for this test."""
     spec = mnist_mod.IDX_DATASETS[name]
-    files = {role: (f, md5sum(folder / f)) for role, (f, _) in spec.files.items()}
-    monkeypatch.setitem(mnist_mod.IDX_DATASETS, name, mnist_mod.IdxSpec(files, spec.mirrors))
+    files = {role: (f, content_md5(folder / f)) for role, (f, _) in spec.files.items()}
+    monkeypatch.setitem(mnist_mod.IDX_DATASETS, name, dataclasses.replace(spec, files=files))
 
 
 @pytest.fixture
@@ -283,6 +287,7 @@ def test_search_order_data_dir_then_env_then_cache(isolated_env: Path,
 
     assert find_idx_files("mnist", data_dir=explicit, download=False)["train_images"].parent \
         == explicit
+    (isolated_env / "empty").mkdir()  # an existing folder without the files falls through
     assert find_idx_files("mnist", data_dir=isolated_env / "empty", download=False)[
         "test_labels"].parent == env
     assert find_idx_files("mnist", download=False)["test_labels"].parent == env
@@ -384,6 +389,7 @@ def test_every_mirror_failing_gives_one_clear_error(isolated_env: Path,
     monkeypatch.setenv("BIASSHIFT_DATA", str(isolated_env / "envdata"))
     net = FakeNet({})
     monkeypatch.setattr(urllib.request, "urlopen", net)
+    (isolated_env / "mine").mkdir()  # exists, but holds no files
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("mnist", data_dir=isolated_env / "mine")
     msg = str(info.value)
@@ -484,3 +490,173 @@ def test_batch_indices_cover_a_permutation(device: torch.device):
     assert torch.equal(again, torch.cat(batches))
     other = torch.cat(list(batch_indices(103, 10, torch.Generator().manual_seed(4), device)))
     assert not torch.equal(other, again)
+
+
+# ------------------------------------- content md5s, layouts, wrong dataset, explicit data dir
+def gzip_9n(raw: bytes, dest: Path, level: int = 9) -> None:
+    """Re-compress ``raw`` as ``gzip -9 -n`` does (the binary when present, else zlib)."""
+    if shutil.which("gzip"):
+        dest.write_bytes(subprocess.run(["gzip", f"-{level}", "-n", "-c"], input=raw, check=True,
+                                        capture_output=True).stdout)
+    else:
+        dest.write_bytes(gzip.compress(raw, compresslevel=level, mtime=0))
+
+
+def test_canonical_md5s_are_of_the_decompressed_content_the_data_readme_lists():
+    # Independent copy of shared/data/README.md's "decompressed md5s" (not the .gz md5s).
+    readme = {
+        "mnist": ["6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+                  "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"],
+        "fashion-mnist": ["f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                          "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"],
+    }
+    for name, md5s in readme.items():
+        spec = mnist_mod.IDX_DATASETS[name]
+        assert [spec.files[r] for r in ("train_images", "train_labels", "test_images",
+                                        "test_labels")] == list(zip(FILES, md5s, strict=True))
+
+
+@pytest.mark.parametrize("form", ["gzip-9n", "gzip-1-named", "plain", "tv-raw", "tv-raw-both",
+                                  "tv-root-mnist"])
+def test_recompressed_plain_and_torchvision_layouts_are_accepted(
+    form: str, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+):
+    src = isolated_env / "src"
+    write_synthetic(src)
+    patch_md5_table(monkeypatch, src)
+    ref = load_dataset("mnist", data_dir=src, download=False)
+    raws = {f: gzip.decompress((src / f).read_bytes()) for f in FILES}
+    root = isolated_env / "root"
+    folder = {"tv-raw": root / "MNIST" / "raw", "tv-raw-both": root / "MNIST" / "raw",
+              "tv-root-mnist": root / "MNIST" / "raw"}.get(form, root)
+    folder.mkdir(parents=True)
+    for f, raw in raws.items():
+        if form == "gzip-9n":
+            gzip_9n(raw, folder / f)
+        elif form == "gzip-1-named":  # another level and a gzip header with a name and a date
+            with open(folder / f, "wb") as out, gzip.GzipFile(
+                filename=f[:-3], mode="wb", fileobj=out, compresslevel=1, mtime=1234567
+            ) as gz:
+                gz.write(raw)
+        else:
+            (folder / f[:-3]).write_bytes(raw)  # plain IDX, as torchvision unpacks it
+            if form == "tv-raw-both":
+                shutil.copyfile(src / f, folder / f)
+    if form.startswith("gzip"):
+        assert (folder / FILES[0]).read_bytes() != (src / FILES[0]).read_bytes()
+    data_dir = root / "MNIST" if form == "tv-root-mnist" else root
+    paths = find_idx_files("mnist", data_dir=data_dir, download=False)
+    assert all(p.parent == folder for p in paths.values())
+    if form.startswith(("plain", "tv")):
+        assert paths["train_images"].name == "train-images-idx3-ubyte"  # the plain file is used
+    ds = load_dataset("mnist", data_dir=data_dir, download=False)
+    assert torch.equal(ds.train_x, ref.train_x) and torch.equal(ds.test_y, ref.test_y)
+    # A changed byte in the decompressed content is still refused, in every form.
+    victim = paths["test_images"]
+    raw = bytearray(raws[FILES[2]])
+    raw[-1] ^= 1
+    if victim.name.endswith(".gz"):
+        victim.write_bytes(gzip.compress(bytes(raw)))
+    else:
+        victim.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match=rf"{victim.name}: md5 .* decompressed content"):
+        load_dataset("mnist", data_dir=data_dir, download=False)
+
+
+def test_fashion_mnist_files_given_as_mnist_say_so(isolated_env: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    mn, fa = isolated_env / "mn", isolated_env / "fa"
+    write_synthetic(mn, seed=0)
+    write_synthetic(fa, seed=1)
+    (fa / FILES[1]).write_bytes(gzip.compress(idx_bytes(np.arange(30, dtype=np.uint8)[::-1] % 10)))
+    patch_md5_table(monkeypatch, mn, "mnist")
+    patch_md5_table(monkeypatch, fa, "fashion-mnist")
+    with pytest.raises(ChecksumError, match=r"train-images-idx3-ubyte\.gz: this looks like "
+                                            r"fashion-mnist, not mnist.*--dataset fashion-mnist"):
+        load_dataset("mnist", data_dir=fa, download=False)
+    with pytest.raises(ChecksumError, match="this looks like mnist, not fashion-mnist"):
+        find_idx_files("fashion-mnist", data_dir=mn, download=False)
+    # torchvision's FashionMNIST/raw layout is found for fashion-mnist
+    tv = isolated_env / "tv" / "FashionMNIST" / "raw"
+    copy_files(fa, tv)
+    assert find_idx_files("fashion-mnist", data_dir=tv.parents[1], download=False)[
+        "test_labels"] == tv / FILES[3]
+    # Swapped train/test files of the same dataset are named as such, not as corrupt.
+    sw = copy_files(mn, isolated_env / "swapped")
+    (sw / FILES[1]).write_bytes((mn / FILES[3]).read_bytes())
+    with pytest.raises(ChecksumError, match=r"this is mnist's t10k-labels-idx1-ubyte\.gz, not "
+                                            r"its train-labels-idx1-ubyte\.gz"):
+        find_idx_files("mnist", data_dir=sw, download=False)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_an_explicit_data_dir_that_does_not_exist_is_an_error(
+    kind: str, isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+):
+    src = isolated_env / "env" / "mnist"
+    write_synthetic(src)
+    patch_md5_table(monkeypatch, src)
+    monkeypatch.setenv("BIASSHIFT_DATA", str(src.parent))  # valid data there: no silent fallback
+    typo = isolated_env / "shraed" / "data"
+    if kind == "file":
+        typo.parent.mkdir()
+        typo.write_text("not a folder")
+    what = "does not exist" if kind == "missing" else "is a file, not a folder"
+    with pytest.raises(DatasetNotFoundError, match=rf"data dir {typo} .*{what}.*typo"):
+        load_dataset("mnist", data_dir=typo, download=False)
+    with pytest.raises(DatasetNotFoundError, match=what):
+        load_dataset("cifar10", data_dir=typo, download=False)
+    assert find_idx_files("mnist", download=False)["train_images"].parent == src
+
+
+def test_download_is_verified_on_content_so_a_recompressed_mirror_copy_is_accepted(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+):
+    src = isolated_env / "src"
+    write_synthetic(src)
+    patch_md5_table(monkeypatch, src)
+    routes = serve(src, MIRRORS[0], lambda b: gzip.compress(gzip.decompress(b), 9, mtime=7))
+    monkeypatch.setattr(urllib.request, "urlopen", FakeNet(routes))
+    paths = find_idx_files("mnist")
+    assert paths["train_images"].read_bytes() == routes[MIRRORS[0] + FILES[0]]
+    assert all_files(cache_dir() / "mnist") == sorted(FILES)
+
+
+@pytest.mark.data
+def test_real_data_recompressed_plain_torchvision_and_debian_forms(real_data_root: Path,
+                                                                   tmp_path: Path):
+    """The real files in the forms users have: ``gzip -9 -n``, torchvision's ``MNIST/raw`` (plain
+    IDX), the Debian package's name-less gzip header; and Fashion-MNIST given as MNIST."""
+    mn, fa = real_data_root / "mnist", real_data_root / "fashion-mnist"
+    if not all((fa / f).is_file() for f in FILES):
+        pytest.skip(f"real Fashion-MNIST not found under {fa}")
+    ref = load_dataset("mnist", data_dir=real_data_root, download=False)
+    re9 = tmp_path / "re9"
+    tv = tmp_path / "tv" / "MNIST" / "raw"
+    re9.mkdir()
+    tv.mkdir(parents=True)
+    for f in FILES:
+        raw = gzip.decompress((mn / f).read_bytes())
+        # gzip -9 is slow on the 47 MB train images (~25 s here): level 1 for that one file.
+        gzip_9n(raw, re9 / f, level=1 if f == FILES[0] else 9)
+        (tv / f[:-3]).write_bytes(raw)
+    assert all(md5sum(re9 / f) != md5sum(mn / f) for f in FILES)  # other bytes, same content
+    for folder, data_dir in ((re9, re9), (tv, tv.parents[1])):
+        assert find_idx_files("mnist", data_dir=data_dir, download=False)[
+            "train_images"].parent == folder
+        ds = load_dataset("mnist", data_dir=data_dir, download=False)
+        assert torch.equal(ds.train_x, ref.train_x) and torch.equal(ds.test_y, ref.test_y)
+    # Debian's Fashion-MNIST files: Zalando's deflate stream behind a header without a file name.
+    deb = tmp_path / "debian"
+    deb.mkdir()
+    for f in FILES:
+        data = (fa / f).read_bytes()
+        assert data[3] & 0x08  # FNAME set in the canonical file
+        end = data.index(b"\0", 10) + 1
+        (deb / f).write_bytes(data[:3] + bytes([data[3] & ~0x08]) + data[4:10] + data[end:])
+        assert hashlib.md5(gzip.decompress((deb / f).read_bytes())).hexdigest() == \
+            content_md5(fa / f)
+    assert find_idx_files("fashion-mnist", data_dir=deb, download=False)["test_labels"] == \
+        deb / FILES[3]
+    with pytest.raises(ChecksumError, match="this looks like fashion-mnist, not mnist"):
+        load_dataset("mnist", data_dir=fa, download=False)

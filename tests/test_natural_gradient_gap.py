@@ -256,3 +256,22 @@ def test_cli_option_syntax(capsys) -> None:
     assert main(["reproduce", NAME, "--quick", "--option", "dampng=1", "--out",
                  str(Path("/nonexistent"))]) == 2
     assert "did you mean 'damping'" in capsys.readouterr().err
+
+
+def test_panel_a_legend_matches_what_is_drawn_and_the_heatmap_bar_is_labelled() -> None:
+    s = resolve_settings(NAME, quick=True, epochs=3, seeds=2, activations=["elu", "relu"],
+                         dataset="digits")
+    for with_ung in (True, False):
+        fig = get_analysis(NAME).plot(_frame(with_ung=with_ung), s)
+        panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
+        ax_a = panels[0]
+        dashed = [ln for ln in ax_a.lines if ln.get_linestyle() == "--"]
+        title = ax_a.get_title(loc="left")
+        labels = [t.get_text() for t in ax_a.get_legend().get_texts()]
+        if with_ung:  # UNG runs tracked: their dashed lines are drawn and explained
+            assert len(dashed) == 2 and "UNG dashed" in title and "UNG" in labels
+        else:  # the promise of dashed UNG lines is not made when none are drawn
+            assert dashed == [] and "dashed" not in title and "UNG" not in labels
+            assert "UNG runs untracked" in title  # quick preset: optimizers sgd and ung
+        bar = [ax for ax in fig.axes if not ax.get_title(loc="left")]
+        assert [b.get_ylabel() for b in bar] == ["median cos(g, (F+λI)⁻¹g)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -176,8 +177,16 @@ def test_bad_probes() -> None:
         probe_statistics(model, torch.randn(3, 2), batch_size=0)
     with pytest.raises(ValueError, match="0-dim"):
         probe_statistics(model, torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="never called"):
+    # an empty probe set says so (it used to report "module '1' was never called")
+    with pytest.raises(ValueError, match=r"probe_statistics: the probe set is empty \(no batch"):
         probe_statistics(model, [])
+    with pytest.raises(ValueError, match=r"the probe set is empty \(2 batch\(es\) of 0 inputs"):
+        probe_statistics(model, [torch.empty(0, 2), (torch.empty(0, 2), torch.empty(0))])
+    # a monitored module outside the forward is still named
+    unused = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.ELU()))
+    unused.forward = lambda x: unused[1](unused[0](x))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"module '2\.0' was never called"):
+        probe_statistics(unused, torch.randn(4, 2))
     act = nn.ReLU()
     shared = nn.Sequential(nn.Linear(2, 3), act, nn.Linear(3, 4), act)
     with pytest.raises(ValueError, match=r"different unit counts.*\(5, 4\)"):
@@ -229,3 +238,64 @@ def test_streaming_means_equal_exact_means(batch_size: int | None) -> None:
     fast = probe_statistics(cnn, x, batch_size=batch_size, medians=False)
     torch.testing.assert_close(fast.mean["1"], full.mean["1"], rtol=1e-6, atol=1e-7)
     assert fast.samples["1"] == 6 * 25
+
+
+@pytest.mark.parametrize("ndim", [0, 1])
+@pytest.mark.parametrize("unit_dim", [None, 1, -1])
+def test_0d_and_1d_outputs_get_a_hint_that_makes_sense(ndim: int, unit_dim) -> None:
+    reduce = (lambda t: t.sum()) if ndim == 0 else (lambda t: t.sum(1))
+
+    class Squeezed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return reduce(x)
+
+    model = nn.Sequential(nn.Linear(2, 3), Squeezed(), nn.ReLU())
+    with pytest.raises(ValueError) as err:
+        probe_statistics(model, torch.randn(4, 2), modules=["2"], unit_dim=unit_dim)
+    msg = str(err.value)
+    assert f"output has {ndim} dimension(s)" in msg and "no unit_dim can help" in msg
+    assert "--" not in msg and "[1, -1]" not in msg and "[1, 0]" not in msg  # the old, broken hint
+    assert "(N, 1)" in msg
+
+
+@pytest.mark.parametrize("ndim, dim, choices", [(2, 2, "choose 1 or -1"), (2, -2, "choose 1 or -1"),
+                                                (4, 4, "choose 1..3 or -3..-1"),
+                                                (3, 0, "choose 1..2 or -2..-1")])
+def test_out_of_range_unit_dim_lists_valid_choices(ndim: int, dim: int, choices: str) -> None:
+    model = nn.Sequential(nn.Identity(), nn.ReLU())
+    x = torch.randn((2, 3, 4, 5)[:ndim])
+    with pytest.raises(ValueError, match=rf"unit_dim={dim} is out of range.*{ndim} dimensions "
+                                         rf"\(dim 0 is the batch\); {re.escape(choices)}"):
+        probe_statistics(model, x, modules=["1"], unit_dim=dim)
+
+
+@pytest.mark.parametrize("lazy", ["linear", "conv"])
+def test_uninitialised_lazy_layer_asks_for_a_forward_first(lazy: str) -> None:
+    from biasshift import BiasShiftTracker, UnitFisher, UnitNaturalGradient
+    from biasshift.fisher.capture import resolve_layers
+
+    first = nn.LazyLinear(4) if lazy == "linear" else nn.LazyConv2d(4, 3)
+    model = nn.Sequential(first, nn.ELU(), nn.Flatten(), nn.LazyLinear(3))
+    match = (rf"layer '0' \({type(first).__name__}\) is not initialised yet.*Run one forward "
+             r"pass, e\.g\. model\(x\[:1\]\)")
+    for make in (lambda: UnitFisher(model), lambda: UnitNaturalGradient(model, lr=0.1),
+                 lambda: resolve_layers(model)):
+        with pytest.raises(ValueError, match=match):
+            make()
+    from biasshift.data import load_dataset
+    from biasshift.train import Trainer
+
+    ds = load_dataset("digits").subset(32, 8)
+    model_d = nn.Sequential(nn.Flatten(), nn.LazyLinear(4), nn.ELU(), nn.Linear(4, 10)) \
+        if lazy == "linear" else nn.Sequential(nn.LazyConv2d(4, 3), nn.ELU(), nn.Flatten(),
+                                               nn.Linear(144, 10))
+    tracker = BiasShiftTracker(schedule=[1], probe_size=16)
+    trainer = Trainer(model_d, ds, epochs=1, plugins=[tracker], probe_size=0)
+    with pytest.raises(ValueError, match=r"\(Lazy(Linear|Conv2d)\) is not initialised yet"):
+        trainer.fit()
+    # the activation monitor needs no weights: it works on the lazy model as it is
+    x = torch.randn(2, 5) if lazy == "linear" else torch.randn(2, 1, 6, 6)
+    stats = probe_statistics(model, x)
+    assert stats.samples["1"] == (2 if lazy == "linear" else 2 * 4 * 4)
+    # after that forward the layers are initialised and the Fisher accepts them
+    assert resolve_layers(model)["0"].n == (5 if lazy == "linear" else 9)

@@ -297,3 +297,100 @@ def test_seed_band_leaves_non_finite_values_out() -> None:
     band = seed_band(df, ["activation"]).iloc[0]
     assert (band["mean"], band["sd"], band["n"], band["nonfinite"]) == (
         2.0, pytest.approx(np.sqrt(2.0)), 2, 1)
+
+
+# ------------------------------------------------------------- figure legibility (issue 13)
+# Machado, Oliveira & Fernandes (2009) full-severity simulation matrices, on linear sRGB.
+_CVD = {
+    "normal": np.eye(3),
+    "protanopia": np.array([[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                            [-0.003882, -0.048116, 1.051998]]),
+    "deuteranopia": np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                              [-0.011820, 0.042940, 0.968881]]),
+    "tritanopia": np.array([[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                            [0.004733, 0.691367, 0.303900]]),
+}
+
+
+def _lab(color: str, vision: str) -> np.ndarray:
+    """CIELAB (D65) of a hex colour as seen with ``vision`` (independent of matplotlib)."""
+    c = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    lin = np.clip(_CVD[vision] @ lin, 0, 1)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                    [0.0193, 0.1192, 0.9505]]) @ lin / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+@pytest.mark.parametrize("vision", sorted(_CVD))
+def test_unit_colours_are_distinct_also_for_colour_blind_readers(vision: str) -> None:
+    """The four units differ by ΔE76 >= 40 in normal vision (the old ReLU/SReLU oranges: 26) and
+    >= 15 under each dichromacy (old: 12.6 under deuteranopia); the colours other activations
+    (controls) get stay >= 15 from every unit's."""
+    from itertools import combinations
+
+    from biasshift.reproduce.plotting import _EXTRA, activation_color
+
+    units = [activation_color(a) for a in ("elu", "relu", "lrelu", "srelu")]
+    assert len(set(units)) == 4
+    pairs = min(np.linalg.norm(_lab(a, vision) - _lab(b, vision))
+                for a, b in combinations(units, 2))
+    assert pairs >= (40 if vision == "normal" else 15)
+    controls = min(np.linalg.norm(_lab(a, vision) - _lab(b, vision))
+                   for a in units for b in _EXTRA)
+    assert controls >= 15
+    for other in ("tanh", "identity", "gelu"):
+        assert activation_color(other) not in units
+
+
+def test_fig2b_overlapping_test_curves_are_told_apart_by_markers() -> None:
+    s = resolve_settings("activation-median", quick=True, epochs=3, seeds=2,
+                         activations=["elu", "relu"], dataset="digits")
+    df = _frame("activation-median")  # both activations: identical losses, curves coincide
+    fig = get_analysis("activation-median").plot(df, s)
+    ax_b = fig.axes[1]
+    test_lines = [ln for ln in ax_b.lines if ln.get_linestyle() == ":"]
+    assert len(test_lines) == 2
+    np.testing.assert_array_equal(test_lines[0].get_ydata(), test_lines[1].get_ydata())
+    assert len({ln.get_marker() for ln in test_lines}) == 2  # one marker per activation
+    assert len({ln.get_color() for ln in test_lines}) == 2
+    legend = ax_b.get_legend()
+    assert [h.get_marker() for h in legend.legend_handles] == [ln.get_marker()
+                                                                for ln in test_lines]
+
+
+def test_replot_redraws_from_the_csv_and_json_like_the_run(tmp_path) -> None:
+    from biasshift.io import write_csv, write_json
+    from biasshift.reproduce.plotting import read_result_csv, replot
+
+    name = "activation-median"
+    s = resolve_settings(name, quick=True, epochs=3, seeds=2, activations=["elu", "relu"],
+                         dataset="digits")
+    df = _frame(name, diverge="relu-lr0.01-seed1")
+    stem = tmp_path / name
+    write_csv(df, stem.with_suffix(".csv"))
+    write_json({"analysis": name, "settings": s.to_dict()}, stem.with_suffix(".json"))
+    back = read_result_csv(stem.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert back["layer"].map(type).eq(str).all() and str(back["unit"].dtype) == "Int64"
+    before = {p: p.stat().st_mtime_ns for p in (stem.with_suffix(".csv"),
+                                                 stem.with_suffix(".json"))}
+    paths = replot(stem)
+    assert [p.name for p in paths] == [f"{name}.png", f"{name}.pdf"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the data is left alone
+    direct = get_analysis(name).plot(df, s)
+    from matplotlib.image import imread
+
+    png = tmp_path / "direct.png"
+    save_figure(direct, tmp_path / "direct", formats=("png",))
+    np.testing.assert_array_equal(imread(png), imread(paths[0]))
+    from biasshift.reproduce import replot as replot_cli
+
+    assert replot_cli.main([]) == 2
+    assert replot_cli.main([str(stem.with_suffix(".csv"))]) == 0
+    np.testing.assert_array_equal(imread(png), imread(paths[0]))
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad.csv").write_text("x\n")
+    with pytest.raises(ValueError, match="not a biasshift result record"):
+        replot(tmp_path / "bad")

@@ -241,3 +241,130 @@ def test_mixed_precision_inputs_are_promoted() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
     t2 = theory.theorem2(F32, g, E_p_a)
     assert t2.bias_shift.dtype == torch.float64
+
+
+# ------------------------------------------------------------------- input checks (issue 13)
+FROM_F = {  # every public function taking F, called with valid other arguments
+    "natural_gradient": lambda F, g, e, d=0.0: theory.natural_gradient(F, g, d),
+    "uncorrected_update": lambda F, g, e, d=0.0: theory.uncorrected_update(F, g, d),
+    "natural_gradient_correction":
+        lambda F, g, e, d=0.0: theory.natural_gradient_correction(F, g, d),
+    "s_from_fisher": lambda F, g, e, d=0.0: theory.s_from_fisher(F, d),
+    "k_from_fisher": lambda F, g, e, d=0.0: theory.k_from_fisher(F, e, d),
+    "bias_shift_uncorrected": lambda F, g, e, d=0.0: theory.bias_shift_uncorrected(F, g, e, d),
+    "bias_shift_natural": lambda F, g, e, d=0.0: theory.bias_shift_natural(F, g, e, d),
+    "theorem2": lambda F, g, e, d=0.0: theory.theorem2(F, g, e, d),
+    "condition_number": lambda F, g, e, d=0.0: theory.condition_number(F, d),
+    "block_inverse": lambda F, g, e, d=0.0: theory.block_inverse(F, d),
+    "natural_gradient_factors": lambda F, g, e, d=0.0: theory.natural_gradient_factors(F, d),
+}
+
+
+def _valid(units: int = 3, n: int = 4):
+    a, _, F, grad = draw((5, units, n, True))
+    return F, grad, a.mean(0).expand(units, n).clone()
+
+
+@pytest.mark.parametrize("fn", sorted(FROM_F))
+def test_asymmetric_fisher_is_refused_not_read_as_its_lower_triangle(fn: str) -> None:
+    F, grad, E_p_a = _valid()
+    G = F.clone()
+    G[1, 0, 3] += 95.6  # upper triangle only: the lower-triangle solvers would ignore it
+    with pytest.raises(ValueError, match=rf"{fn}: F is not symmetric in 1 unit\(s\) \(unit 1\)"
+                                         r".*lower triangle.*\(F \+ F\.mT\) / 2"):
+        FROM_F[fn](G, grad, E_p_a)
+    # the symmetric matrix passes, and natural_gradient equals the dense solve of it
+    FROM_F[fn](F, grad, E_p_a)
+    close(theory.natural_gradient(F, grad), torch.linalg.solve(F, grad))
+
+
+def test_condition_number_of_the_issues_triangular_matrix_is_refused() -> None:
+    M = torch.tensor([[[1.0, 100.0], [0.0, 1.0]]], dtype=DT)
+    with pytest.raises(ValueError, match="condition_number: F is not symmetric"):
+        theory.condition_number(M)
+    S = torch.tensor([[[51.0, 50.0], [50.0, 51.0]]], dtype=DT)  # eigenvalues 1 and 101
+    close(theory.condition_number(S), torch.tensor([101.0], dtype=DT))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes)
+def test_rounding_level_asymmetry_of_a_float32_estimate_is_accepted(params) -> None:
+    """A Fisher estimated in float32 by einsum/bmm is symmetric only to rounding: no false alarm."""
+    a, d2, _, grad = draw(params)
+    units, m = d2.shape
+    at = torch.cat([torch.ones(units, m, 1, dtype=DT), a.expand(units, *a.shape[-2:])], -1)
+    x = (d2.sqrt().unsqueeze(-1) * at).float()
+    F32 = torch.bmm(x.mT, x) / m
+    noise = torch.randn(F32.shape, generator=torch.Generator().manual_seed(params[0])).triu(1)
+    F32 = F32 + 3e-5 * F32.abs().amax((-2, -1), keepdim=True) * noise  # rounding-level asymmetry
+    nat = theory.natural_gradient(F32.double(), grad, damping=1e-3)
+    assert bool(torch.isfinite(nat).all())
+    theory.natural_gradient_factors(F32, 1e-3)
+
+
+@pytest.mark.parametrize("fn", sorted(FROM_F))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_fisher_gives_a_clear_error_not_a_linalg_error(fn: str, bad: float) -> None:
+    F, grad, E_p_a = _valid()
+    F[2, 1, 1] = bad
+    with pytest.raises(ValueError, match=rf"{fn}: F has NaN or inf entries in 1 unit\(s\) "
+                                         r"\(unit 2\)") as err:
+        FROM_F[fn](F, grad, E_p_a)
+    assert not isinstance(err.value, torch.linalg.LinAlgError)
+
+
+@pytest.mark.parametrize("damping", [float("inf"), float("nan"), -1e-3, True])
+def test_infinite_or_invalid_damping_is_refused(damping) -> None:
+    F, grad, E_p_a = _valid()
+    for fn, call in FROM_F.items():
+        with pytest.raises(ValueError, match="damping must be a finite float >= 0"):
+            call(F, grad, E_p_a, damping)
+        assert fn
+
+
+def test_raise_singular_on_a_nonfinite_block_names_it_instead_of_failing_in_eigvalsh() -> None:
+    F, _, _ = _valid()
+    F[0, 0, 0] = float("nan")
+    with pytest.raises(theory.SingularFisherError, match=r"layer 'fc1'.*unit 7\).*NaN or inf"):
+        theory._raise_singular(F, torch.tensor([True, False, False]), 0.0, layer="fc1",
+                               unit_offset=7)
+
+
+@pytest.mark.parametrize("fn", sorted(FROM_F))
+def test_integer_and_complex_fisher_are_refused(fn: str) -> None:
+    F, grad, E_p_a = _valid()
+    with pytest.raises(TypeError, match=rf"{fn}: F has dtype torch.int64.*F\.double\(\)"):
+        FROM_F[fn](F.round().long(), grad, E_p_a)
+    with pytest.raises(TypeError, match=rf"{fn}: F is complex"):
+        FROM_F[fn](F.to(torch.complex128), grad, E_p_a)
+
+
+def test_grad_and_E_p_a_must_match_exactly_never_broadcast() -> None:
+    F, grad, E_p_a = _valid(units=3, n=4)
+    with pytest.raises(TypeError, match="theorem2: grad is complex"):
+        theory.theorem2(F, grad.to(torch.complex128), E_p_a)
+    with pytest.raises(ValueError, match=r"natural_gradient: grad must be \(units, n\+1\) = "
+                                         r"\(3, 5\).*got shape \(1, 5\).*never broadcast"):
+        theory.natural_gradient(F, grad[:1])
+    for wrong in (E_p_a[0], E_p_a[:1], E_p_a[:, :3], E_p_a.unsqueeze(0)):
+        with pytest.raises(ValueError, match=r"E_p_a must be \(units, n\) = \(3, 4\)"):
+            theory.theorem2(F, grad, wrong)
+        with pytest.raises(ValueError, match=r"bias_shift: E_p_a must be \(units, n\) = \(3, 4\)"):
+            theory.bias_shift(grad, wrong)  # was silently broadcast
+    Eq, Var = theory.E_q(torch.randn(20, 4, dtype=DT), torch.rand(3, 20, dtype=DT) + 0.1), None
+    Var = torch.eye(4, dtype=DT).expand(3, 4, 4)
+    with pytest.raises(ValueError, match=r"k_from_moments: E_q_a must be \(units, n\) = \(1, 4\)"):
+        theory.k_from_moments(E_p_a[:1], Eq, Var)  # (1, n) against 3 units
+    with pytest.raises(ValueError, match=r"k_mixed: E_q_aa must be \(units, n, n\) = \(3, 4, 4\)"):
+        theory.k_mixed(E_p_a, Eq, Var[:, :3, :3])
+    with pytest.raises(ValueError, match=r"s_from_moments: E_q_a must be \(units, n\)"):
+        theory.s_from_moments(torch.ones(3, dtype=DT), Eq[0], Var)
+    with pytest.raises(ValueError, match=r"fisher_from_moments: E_q_aa must be"):
+        theory.fisher_from_moments(torch.ones(3, dtype=DT), Eq, Var[:2])
+    with pytest.raises(ValueError, match=r"E_q_from_Cov: cov must be \(units, n\)"):
+        theory.E_q_from_Cov(E_p_a, torch.ones(3, dtype=DT), Eq[0])
+    with pytest.raises(TypeError, match=r"quadratic_form_second_moment: E_aa has dtype"):
+        theory.quadratic_form_second_moment(Eq, Var.long())
+    # valid moments still agree with each other (the checks changed nothing else)
+    close(theory.k_from_moments(E_p_a, Eq, Var),
+          1 + ((Eq - E_p_a) * Eq).sum(-1))

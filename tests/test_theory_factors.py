@@ -82,8 +82,13 @@ def test_only_the_lower_triangle_is_read() -> None:
     g = torch.randn(3, 6, dtype=F64)
     for form in theory.FACTOR_FORMS:
         a = theory.apply_natural_gradient(theory.natural_gradient_factors(F, 1e-3, form=form), g)
-        b = theory.apply_natural_gradient(theory.natural_gradient_factors(G, 1e-3, form=form), g)
+        # check=False (the optimiser's path, which fills only the lower triangle): G is read as F
+        b = theory.apply_natural_gradient(
+            theory.natural_gradient_factors(G, 1e-3, form=form, check=False), g)
         assert torch.equal(a, b)
+        # by default an asymmetric F is refused rather than silently read as another matrix
+        with pytest.raises(ValueError, match=r"not symmetric.*lower triangle"):
+            theory.natural_gradient_factors(G, 1e-3, form=form)
 
 
 def test_overwrite_damps_in_place() -> None:

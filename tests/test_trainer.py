@@ -668,6 +668,69 @@ def test_bad_arguments_raise_clear_errors(digits: ArrayDataset) -> None:
         make(digits, probe_size=0).probe()
 
 
+@pytest.mark.parametrize("case", ["column", "onehot", "float", "int32", "range", "negative",
+                                  "test-range"])
+def test_bad_labels_fail_at_construction_naming_dataset_and_shape(digits: ArrayDataset,
+                                                                 case: str) -> None:
+    import dataclasses
+
+    y, ty = digits.train_y, digits.test_y
+    n = y.shape[0]
+    bad = {
+        "column": dict(train_y=y.unsqueeze(1)),
+        "onehot": dict(train_y=F.one_hot(y, 10)),
+        "float": dict(train_y=y.float()),
+        "int32": dict(train_y=y.int()),
+        "range": dict(train_y=torch.where(y == 3, 10, y)),
+        "negative": dict(train_y=torch.where(y == 3, -1, y)),
+        "test-range": dict(test_y=torch.where(ty == 3, 12, ty)),
+    }[case]
+    ds = dataclasses.replace(digits, **bad)
+    match = {
+        "column": rf"dataset 'digits': train_y must be class indices of shape \(N,\) = \({n},\), "
+                  rf"got shape \({n}, 1\).*reshape",
+        "onehot": rf"train_y .*got shape \({n}, 10\).*argmax",
+        "float": r"train_y must be int64 class indices, got dtype torch.float32.*y\.long\(\)",
+        "int32": r"got dtype torch.int32",
+        "range": r"train_y holds labels 0\.\.10, outside 0\.\.9 \(num_classes=10\)",
+        "negative": r"train_y holds labels -1\.\.9, outside 0\.\.9",
+        "test-range": r"test_y holds labels 0\.\.12",
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        make(ds)  # at construction, not at the first step
+    # reconstruction does not use the labels
+    make(ds, model=lambda: mlp(64, [8], 64), loss="reconstruction")
+
+
+def test_model_with_too_few_logits_is_named(digits: ArrayDataset) -> None:
+    t = make(digits, model=lambda: mlp(64, [8], 7), epochs=1)
+    with pytest.raises(ValueError, match=r"model returns 7 logits but dataset 'digits' has 10"):
+        t.fit()
+
+
+def test_lr_true_is_refused(digits: ArrayDataset) -> None:
+    for bad in (True, False, "0.1", None):
+        with pytest.raises(ValueError, match=r"lr must be a positive finite number"):
+            make(digits, lr=bad)
+    assert make(digits, lr=1).lr == 1.0
+
+
+def test_checkpoint_dir_that_is_a_file_fails_at_construction(digits: ArrayDataset,
+                                                             tmp_path) -> None:
+    f = tmp_path / "ckpt"
+    f.write_text("a file")
+    with pytest.raises(ValueError, match=rf"checkpoint_dir {f} is a file, not a folder"):
+        make(digits, checkpoint_dir=f)
+    with pytest.raises(ValueError, match=rf"checkpoint_dir {f / 'run'} lies under {f}, which is "
+                                         "a file"):
+        make(digits, checkpoint_dir=f / "run")
+    # a folder that does not exist yet is fine (created at the first checkpoint)
+    t = make(digits, checkpoint_dir=tmp_path / "new" / "run", epochs=1)
+    assert not (tmp_path / "new").exists()
+    t.fit()
+    assert (tmp_path / "new" / "run" / "checkpoint.pt").is_file()
+
+
 # ------------------------------------------------------------------------------------ devices
 def test_fit_on_each_device_agrees_with_cpu(digits: ArrayDataset, device: torch.device) -> None:
     cpu = make(digits, epochs=2).fit()

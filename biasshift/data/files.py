@@ -3,7 +3,8 @@ readers).
 
 Every reader follows the same search order for a dataset ``name``:
 
-1. an explicit ``data_dir`` (the files directly in it, or in ``data_dir/<name>/``);
+1. an explicit ``data_dir`` (the files directly in it, or in ``data_dir/<name>/``); a
+   ``data_dir`` that does not exist is an error, not a reason to look elsewhere;
 2. ``$BIASSHIFT_DATA/<name>/``;
 3. the user cache folder ``$XDG_CACHE_HOME/biasshift/<name>/`` (default ``~/.cache/biasshift``);
 4. a download into the cache folder (tqdm progress bar, md5 check, atomic write), unless
@@ -26,7 +27,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from biasshift.data.base import ChecksumError, DatasetNotFoundError, cache_dir
@@ -72,23 +73,46 @@ def offline() -> bool:
     return os.environ.get("BIASSHIFT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def search_places(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
-    """The folders searched for dataset ``name``, in order (see the module doc); cache last."""
+def search_places(
+    name: str, data_dir: str | os.PathLike[str] | None, layouts: Sequence[str] = ()
+) -> list[Path]:
+    """The folders searched for dataset ``name``, in order (see the module doc); cache last.
+
+    ``layouts`` are further folders, relative to ``data_dir`` and to ``$BIASSHIFT_DATA``, tried
+    after ``<name>/`` (e.g. torchvision's ``MNIST/raw``).
+
+    Raises:
+        DatasetNotFoundError: an explicit ``data_dir`` does not exist or is not a folder. A
+            mistyped ``--data-dir`` is an error, never a silent fall-back to ``$BIASSHIFT_DATA``.
+    """
     places: list[Path] = []
     if data_dir is not None:
-        places += [Path(data_dir), Path(data_dir) / name]
+        root = Path(data_dir)
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise DatasetNotFoundError(
+                f"{name}: the data dir {root} given (--data-dir / data_dir=) {what}. Check the "
+                "path for a typo, or leave --data-dir out to search $BIASSHIFT_DATA/"
+                f"{name}/ and the user cache ({cache_dir() / name})."
+            )
+        places += [root, root / name] + [root / sub for sub in layouts]
     env = os.environ.get("BIASSHIFT_DATA")
     if env:
-        places.append(Path(env) / name)
+        places += [Path(env) / name] + [Path(env) / sub for sub in layouts]
     places.append(cache_dir() / name)
     return places
 
 
-def download_file(url: str, dest: Path, md5: str) -> None:
+def download_file(
+    url: str, dest: Path, md5: str, digest: Callable[[Path], str] = md5sum
+) -> None:
     """Fetch ``url`` to ``dest`` atomically with a progress bar and an md5 check.
 
     The bytes go to a hidden ``.part`` file beside ``dest``, which is md5-checked and then moved
     onto ``dest``; on any failure (network, md5, interrupt) the ``.part`` file is removed.
+    ``digest`` computes the md5 compared with ``md5`` (default: of the file's bytes; the IDX
+    reader passes the md5 of the decompressed content). It may raise :class:`ChecksumError` for a
+    file it cannot read.
 
     Raises:
         ChecksumError: the downloaded bytes do not have the md5 ``md5``.
@@ -106,23 +130,30 @@ def download_file(url: str, dest: Path, md5: str) -> None:
                     out.write(block)
                     bar.update(len(block))
         try:
-            check_md5(tmp, md5)
-        except ChecksumError:
+            got = digest(Path(tmp))
+            problem = f"md5 {got} does not match the canonical {md5}"
+        except ChecksumError as err:
+            got, problem = None, f"its md5 cannot be computed ({err})"
+        if got != md5:
             raise ChecksumError(
-                f"{dest.name} downloaded from {url}: md5 {md5sum(tmp)} does not match the "
-                f"canonical {md5}; the download is corrupt or truncated (nothing was kept)"
-            ) from None
+                f"{dest.name} downloaded from {url}: {problem}; the download is corrupt or "
+                "truncated (nothing was kept)"
+            )
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def fetch(mirrors: Sequence[str], fname: str, dest: Path, md5: str, errors: list[str]) -> bool:
+def fetch(
+    mirrors: Sequence[str], fname: str, dest: Path, md5: str, errors: list[str],
+    digest: Callable[[Path], str] = md5sum,
+) -> bool:
     """Download ``fname`` from the first mirror that delivers it intact; record failures.
 
     A mirror that fails (network error) or serves a corrupt file is recorded in ``errors`` and the
-    next mirror is tried. Returns False when every mirror failed on the network.
+    next mirror is tried. Returns False when every mirror failed on the network. ``digest`` is
+    passed to :func:`download_file`.
 
     Raises:
         ChecksumError: no mirror delivered an intact file and at least one served a corrupt one.
@@ -130,7 +161,7 @@ def fetch(mirrors: Sequence[str], fname: str, dest: Path, md5: str, errors: list
     corrupt: list[str] = []
     for mirror in mirrors:
         try:
-            download_file(mirror + fname, dest, md5)
+            download_file(mirror + fname, dest, md5, digest)
             return True
         except NETWORK_ERRORS as err:
             errors.append(f"{mirror}{fname}: {err}")

@@ -79,6 +79,12 @@ class LayerSpec:
 
 
 def _spec(name: str, module: nn.Module) -> LayerSpec:
+    if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) is not initialised yet: its in_features "
+            "(in_channels) are only known after the first forward. Run one forward pass, e.g. "
+            "model(x[:1]), before creating UnitFisher, BiasShiftTracker or UnitNaturalGradient"
+        )
     if isinstance(module, nn.Linear):
         return LayerSpec(name, module, "linear", module.out_features, 1, module.in_features,
                          module.bias is not None)
@@ -103,7 +109,8 @@ def resolve_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str,
     Raises:
         KeyError: an unknown name (the message lists close names).
         TypeError: a named layer of an unsupported type (the message lists the supported ones).
-        ValueError: nothing selected, or a module that is not part of ``model``.
+        ValueError: nothing selected, a module that is not part of ``model``, or a lazy layer
+            (``LazyLinear``) not initialised by a first forward yet.
     """
     named = {n: m for n, m in model.named_modules() if n}
     supported = {n: m for n, m in named.items() if isinstance(m, SUPPORTED_LAYERS)}

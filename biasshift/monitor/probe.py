@@ -218,7 +218,10 @@ def probe_statistics(
     handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
     try:
         model.eval()
+        n_batches = n_inputs = 0
         for x in _batches(probe, batch_size):
+            n_batches += 1
+            n_inputs += x.shape[0] if x.ndim else 1
             model(x.to(device, non_blocking=True) if device is not None else x)
     finally:
         for h in handles:
@@ -226,6 +229,10 @@ def probe_statistics(
         for m, training in modes.items():
             m.training = training
 
+    if n_inputs == 0:
+        got = "no batches" if n_batches == 0 else f"{n_batches} batch(es) of 0 inputs each"
+        raise ValueError(f"probe_statistics: the probe set is empty ({got}); pass a tensor "
+                         "(N, ...) or an iterable of batches holding at least one input")
     mean: dict[str, Tensor] = {}
     median: dict[str, Tensor] = {}
     nonfinite: dict[str, Tensor] = {}

@@ -136,10 +136,7 @@ def auto_unit_dim(model: nn.Module, name: str) -> Callable[[int], int]:
 
     def rule(ndim: int) -> int:
         if ndim < 2:
-            raise ValueError(
-                f"module {name!r}: output has {ndim} dimension(s); cannot tell samples from units "
-                "(expected (N, F), (N, C, ...) or (N, T, F)); pass unit_dim explicitly"
-            )
+            raise _no_unit_dim(name, ndim)
         if ndim == 3 and not channel_first_1d:
             return 2
         return 1
@@ -173,13 +170,28 @@ def resolve_unit_dims(
     return out
 
 
+def _no_unit_dim(name: str, ndim: int) -> ValueError:
+    """The error for a 0-d or 1-d output: dim 0 is the batch, so no dimension is left for units
+    (no ``unit_dim`` can fix that)."""
+    shape = "a scalar" if ndim == 0 else "one value per sample (N,)"
+    return ValueError(
+        f"module {name!r}: output has {ndim} dimension(s) ({shape}); dim 0 is the batch, so no "
+        "dimension is left for units and no unit_dim can help (expected (N, F), (N, C, ...) or "
+        "(N, T, F)). Monitor the module before the output is squeezed or reduced, or make it "
+        "return (N, 1)"
+    )
+
+
 def _fixed_rule(name: str, dim: int) -> Callable[[int], int]:
     def rule(ndim: int) -> int:
+        if ndim < 2:
+            raise _no_unit_dim(name, ndim)
         if not -ndim <= dim < ndim or dim % ndim == 0:
+            last = ndim - 1
+            choices = "1 or -1" if last == 1 else f"1..{last} or -{last}..-1"
             raise ValueError(
                 f"unit_dim={dim} is out of range for module {name!r} whose output has {ndim} "
-                "dimensions (dim 0 is the batch); choose a dim in "
-                f"[1, {ndim - 1}] or [-{ndim - 1}, -1]"
+                f"dimensions (dim 0 is the batch); choose {choices}"
             )
         return dim % ndim
 

@@ -6,7 +6,8 @@ epoch each unit's mean activation on a fixed subset of the training data (here 1
 the same for every run) is computed.
 
 * Panel a: the median over all hidden units of these means, per epoch, mean +- sd over seeds.
-* Panel b: training (solid) and test (dotted) cross-entropy per epoch (log scale).
+* Panel b: training (solid) and test (dotted) cross-entropy per epoch (log scale); each
+  activation has its own marker, at staggered epochs, so overlapping test curves stay visible.
 
 Rows of the tidy CSV (see :mod:`biasshift.reproduce.base` for the columns): every quantity the
 trainer records — ``train_loss``, ``test_loss``, ``train_acc``, ``test_acc``, ``running_loss``,
@@ -62,14 +63,17 @@ class ActivationMedian(Analysis):
         ax_a.legend(fontsize="small")
 
         loss = trained[trained["quantity"].isin(["train_loss", "test_loss"])]
-        plot_seed_lines(ax_b, loss[loss["quantity"] == "train_loss"], df, settings, band=False)
+        # one marker per activation, at staggered epochs: the test curves lie on top of each
+        # other, and the markers keep all four visible
+        plot_seed_lines(ax_b, loss[loss["quantity"] == "train_loss"], df, settings, band=False,
+                        act_markers=True)
         plot_seed_lines(ax_b, loss[loss["quantity"] == "test_loss"], df, settings, band=False,
-                        linestyle=":", label=False)
+                        linestyle=":", label=False, act_markers=True)
         ax_b.set_yscale("log")
         ax_b.set_xlabel("epoch")
         ax_b.set_ylabel("cross-entropy")
-        ax_b.set_title("b  training (solid) and test (dotted) loss", loc="left",
-                       fontsize="medium")
+        ax_b.set_title("b  training (solid, filled markers) and test (dotted, open markers) loss",
+                       loc="left", fontsize="medium")
         ax_b.legend(fontsize="small")
         width = settings.model.get("width")
         depth = settings.model.get("depth")

@@ -64,17 +64,18 @@ class Autoencoder(Analysis):
         trained = df[df["epoch"] >= 1]
         for ax, lr in zip(axes, lrs):
             sub = trained[trained["lr"] == lr]
-            plot_seed_lines(ax, sub[sub["quantity"] == "train_loss"], df, settings, band=False)
+            plot_seed_lines(ax, sub[sub["quantity"] == "train_loss"], df, settings, band=False,
+                            act_markers=True)
             plot_seed_lines(ax, sub[sub["quantity"] == "test_loss"], df, settings, band=False,
-                            linestyle=":", label=False)
+                            linestyle=":", label=False, act_markers=True)
             ax.set_yscale("log")
             ax.set_title(f"learning rate {lr:g}", fontsize="medium")
             ax.set_xlabel("epoch")
             ax.legend(fontsize="small")
         axes[0].set_ylabel("reconstruction error\n(summed squared error per image)")
         enc = "-".join(str(h) for h in settings.model.get("encoder", []))
-        fig.suptitle(figure_title(f"Fig. 3: autoencoder {enc} + mirror, training (solid) and "
-                                  "test (dotted) reconstruction error", settings))
+        fig.suptitle(figure_title(f"Fig. 3: autoencoder {enc} + mirror, reconstruction error:\n"
+                                  "training (solid), test (dotted, open markers)", settings))
         return fig
 
 

@@ -61,7 +61,8 @@ Tidy CSV (columns :data:`NG_COLUMNS`: the usual ones plus ``optimizer``, ``step`
     <biasshift.train.tracking.BiasShiftTracker.from_checkpoint>`).
 
 Figure: (a) median over units of cos(g, F⁻¹g) vs step (pooled over ``act_fed``), per
-activation; (b) median |bias shift| of the SGD step, measured and first-order, and of the
+activation, for SGD (solid) and, when they were tracked (``track_ung``), UNG runs (dashed);
+(b) median |bias shift| of the SGD step, measured and first-order, and of the
 natural-gradient step; (c) per (run, layer, step) the median cosine against ``|E_p(a)|``, with
 Spearman's ρ; (d) training loss per epoch, SGD solid and UNG dashed; (e) the range of the
 training loss across activations against its mean (one point per epoch), SGD vs UNG — a smaller
@@ -435,15 +436,27 @@ class NaturalGradientGap(Analysis):
         trk = df[df["stat"] != "value"]
         pool = trk[trk["layer"] == "act_fed"]
 
-        # (a) cosine vs step
+        # (a) cosine vs step; UNG runs have lines only when they were tracked (track_ung)
         self._step_lines(ax_a, pool, acts, "cos_grad_ng", band=True)
+        cos_rows = pool[pool["quantity"] == "cos_grad_ng"]
+        drawn = [opt for opt in ("sgd", "ung") if (cos_rows["optimizer"] == opt).any()]
         ax_a.set_xscale("log")
         ax_a.set_xlabel("optimizer step")
         ax_a.set_ylabel("median over units of cos(g, (F+λI)⁻¹g)")
-        ax_a.set_title("a  gradient vs unit natural gradient (SGD solid, UNG dashed;\n"
+        if drawn == ["sgd", "ung"]:
+            what = "SGD solid, UNG dashed"
+        elif drawn == ["sgd"]:
+            what = ("SGD runs; UNG runs untracked" if "ung" in o["optimizers"] else "SGD runs")
+        else:
+            what = "UNG runs (dashed)" if drawn else "no tracked runs"
+        ax_a.set_title(f"a  gradient vs unit natural gradient ({what};\n"
                        "   band: IQR over units, mean over seeds)", loc="left",
                        fontsize="medium")
-        ax_a.legend(handles=self._act_handles(acts), fontsize="small")
+        handles_a = self._act_handles(acts)
+        if len(drawn) == 2:  # the line styles need a key only when both are drawn
+            handles_a += [Line2D([], [], color="0.3", ls="-", label="SGD"),
+                          Line2D([], [], color="0.3", ls="--", label="UNG")]
+        ax_a.legend(handles=handles_a, fontsize="small")
 
         # (b) |bias shift| of the step
         sgd_pool = pool[pool["optimizer"] == "sgd"]
@@ -586,7 +599,8 @@ class NaturalGradientGap(Analysis):
         ax.set_yticks(range(grid.shape[0]), list(grid.index))
         ax.set_title("f  median cos(g, (F+λI)⁻¹g) per layer (SGD, over seeds and steps)",
                      loc="left", fontsize="medium")
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        bar.set_label("median cos(g, (F+λI)⁻¹g)")
 
 
 def _layer_order(name: str) -> tuple[int, int, str]:

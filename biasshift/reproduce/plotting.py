@@ -3,10 +3,16 @@
 Figures are :class:`matplotlib.figure.Figure` objects made without :mod:`matplotlib.pyplot`, so
 no global backend is selected or changed and nothing is shown; :func:`save_figure` writes PNG and
 PDF atomically. Each activation keeps its colour in every figure.
+
+:func:`replot` redraws a finished figure from its committed ``NAME.csv`` and ``NAME.json``
+without training anything (``python -m biasshift.reproduce.replot figures/NAME``), e.g. after
+a change to the plotting code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,25 +29,42 @@ from biasshift.reproduce.base import Settings
 __all__ = [
     "activation_color",
     "activation_label",
+    "activation_marker",
     "figure_title",
     "new_figure",
     "ordered",
     "plot_seed_lines",
+    "read_result_csv",
+    "replot",
     "save_figure",
     "seed_band",
 ]
 
-_COLORS = {"elu": "#0173b2", "relu": "#de8f05", "lrelu": "#029e73", "srelu": "#d55e00"}
+#: Okabe & Ito's colour-blind-safe palette ("Color Universal Design", 2002): the four units get
+#: four distinct hues (blue, vermillion, bluish green, reddish purple) that stay apart under
+#: protanopia, deuteranopia and tritanopia; controls and other activations take the rest.
+_COLORS = {"elu": "#0072B2", "relu": "#D55E00", "lrelu": "#009E73", "srelu": "#CC79A7"}
 _LABELS = {"elu": "ELU", "relu": "ReLU", "lrelu": "LReLU", "srelu": "SReLU"}
 _MARKERS = ["o", "s", "^", "D", "v", "P"]
-_EXTRA = ["#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9"]
+#: Per activation, a marker of its own (told apart without colour, e.g. overlapping curves).
+_ACT_MARKERS = {"elu": "o", "relu": "s", "lrelu": "^", "srelu": "D"}
+_EXTRA = ["#E69F00", "#56B4E9", "#000000", "#F0E442"]
 
 
 def activation_color(name: str) -> str:
-    """The activation's colour (seaborn's colourblind palette; stable across figures)."""
+    """The activation's colour (Okabe–Ito colour-blind-safe palette; stable across figures).
+
+    ELU, ReLU, LReLU and SReLU have fixed, distinct hues; any other activation (a control such
+    as tanh or the identity) gets one of the remaining palette colours, chosen from its name.
+    """
     if name in _COLORS:
         return _COLORS[name]
     return _EXTRA[sum(map(ord, name)) % len(_EXTRA)]
+
+
+def activation_marker(name: str) -> str:
+    """The activation's marker (fixed for the four units; from its name otherwise)."""
+    return _ACT_MARKERS.get(name) or _MARKERS[sum(map(ord, name)) % len(_MARKERS)]
 
 
 def activation_label(name: str) -> str:
@@ -90,10 +113,14 @@ def ordered(values: Sequence[str] | pd.Series, preferred: Sequence[str]) -> list
 
 
 def plot_seed_lines(ax: Axes, sel: pd.DataFrame, df: pd.DataFrame, settings: Settings, *,
-                    band: bool = True, linestyle: str = "-", label: bool = True) -> None:
+                    band: bool = True, linestyle: str = "-", label: bool = True,
+                    act_markers: bool = False) -> None:
     """One line per (activation, lr) of ``sel``'s ``value`` over epochs, mean over seeds.
 
-    ``band`` adds mean +- sd over seeds; several learning rates get one marker each. Runs that
+    ``band`` adds mean +- sd over seeds; several learning rates get one marker each.
+    ``act_markers`` instead gives each activation its own marker (:func:`activation_marker`),
+    placed at staggered epochs per activation, so that curves lying on top of each other (the
+    test losses of Fig. 2b) stay distinguishable. Runs that
     diverged (``quantity == "diverged"`` in ``df``) are counted in the label ("2/5 diverged")
     and marked with an x at the epoch where they stopped; their non-finite values are left out
     of the mean (see :func:`seed_band`).
@@ -104,9 +131,12 @@ def plot_seed_lines(ax: Axes, sel: pd.DataFrame, df: pd.DataFrame, settings: Set
     stats = seed_band(sel, ["activation", "lr"])
     div = df[df["quantity"] == "diverged"]
     all_lrs = sorted(sel["lr"].unique(), reverse=True)
-    for act in ordered(sel["activation"], settings.activations):
+    acts = ordered(sel["activation"], settings.activations)
+    for a_i, act in enumerate(acts):
         for lr in sorted(sel.loc[sel["activation"] == act, "lr"].unique(), reverse=True):
             marker = _MARKERS[all_lrs.index(lr) % len(_MARKERS)] if multi_lr else None
+            if act_markers:
+                marker = activation_marker(act)
             s = stats[(stats["activation"] == act) & (stats["lr"] == lr) & (stats["n"] > 0)]
             color = activation_color(act)
             text = activation_label(act) + (f", lr {lr:g}" if multi_lr else "")
@@ -119,8 +149,13 @@ def plot_seed_lines(ax: Axes, sel: pd.DataFrame, df: pd.DataFrame, settings: Set
                         label=text if label else None)
                 continue
             ep, mean, sd = (s[c].to_numpy(dtype=float) for c in ("epoch", "mean", "sd"))
+            every = max(1, len(ep) // 12)
+            # staggered: activation i marks epochs i*every/n, i*every/n + every, ...
+            start = (a_i * every) // len(acts) if act_markers else 0
             ax.plot(ep, mean, color=color, linestyle=linestyle, lw=1.4, marker=marker,
-                    ms=4, markevery=max(1, len(ep) // 12), label=text if label else None)
+                    ms=4, markevery=(min(start, max(len(ep) - 1, 0)), every),
+                    mfc="white" if act_markers and linestyle != "-" else color,
+                    label=text if label else None)
             if band and (s["n"] > 1).any():
                 ax.fill_between(ep, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -141,3 +176,50 @@ def save_figure(fig: Figure, stem: str | os.PathLike[str],
             fig.savefig(fh, format=fmt, dpi=dpi)
         paths.append(path)
     return paths
+
+
+#: Columns of the tidy result tables read as text (a layer "1" stays "1", "NA" stays "NA").
+_TEXT_COLUMNS = ("analysis", "run", "dataset", "activation", "layer", "quantity", "stat",
+                 "optimizer")
+
+
+def read_result_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a tidy ``NAME.csv`` written by ``biasshift reproduce`` back into the frame the
+    figure was drawn from (text columns as ``object``, ``unit`` as ``Int64``, ``value`` float)."""
+    df = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS} | {"unit": "Int64"},
+                     keep_default_na=False,
+                     na_values={"unit": [""], "value": ["", "NaN", "nan"]})
+    for c in _TEXT_COLUMNS:
+        if c in df:
+            df[c] = df[c].astype(object)
+    df["value"] = df["value"].astype(np.float64)
+    return df
+
+
+def replot(stem: str | os.PathLike[str]) -> list[Path]:
+    """Redraw ``stem.png`` and ``stem.pdf`` from ``stem.csv`` and the settings in ``stem.json``.
+
+    Nothing is trained and the CSV and JSON are left as they are: the figure is a function of
+    the tidy table and the settings only (:meth:`Analysis.plot`).
+
+    Raises:
+        FileNotFoundError: ``stem.csv`` or ``stem.json`` is missing.
+        ValueError: the JSON has no ``analysis``/``settings`` record.
+    """
+    from biasshift.reproduce.registry import get_analysis
+
+    stem = Path(stem)
+    record = json.loads(stem.with_suffix(".json").read_text())
+    if "analysis" not in record or "settings" not in record:
+        raise ValueError(f"{stem.with_suffix('.json')}: not a biasshift result record (no "
+                         "'analysis'/'settings'); replot needs the JSON written with the CSV")
+    raw = record["settings"]
+    known = {f.name for f in dataclasses.fields(Settings)}
+    kw = {k: v for k, v in raw.items() if k in known}
+    kw["activations"], kw["lrs"] = tuple(kw["activations"]), tuple(kw["lrs"])
+    kw["out"], kw["work_dir"] = Path(kw["out"]), Path(kw["work_dir"])
+    settings = Settings(**kw)
+    analysis = get_analysis(record["analysis"])
+    df = read_result_csv(stem.with_suffix(".csv"))
+    return save_figure(analysis.plot(df, settings), stem)
+

@@ -124,6 +124,46 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _check_labels(dataset: ArrayDataset) -> None:
+    """Class-index labels for ``loss="cross_entropy"``: int64 ``(N,)`` in ``0..num_classes-1``.
+
+    Checked once at construction (one host synchronisation per split), so that a wrong label
+    tensor is named here rather than failing inside ``cross_entropy`` at the first step.
+    """
+    k = dataset.num_classes
+    for split in ("train", "test"):
+        x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
+        where = f"Trainer: dataset {dataset.name!r}: {split}_y"
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"{where} must be class indices of shape (N,) = ({x.shape[0]},), got "
+                             f"shape {tuple(y.shape)}; pass y.reshape(-1) for (N, 1) labels or "
+                             "y.argmax(1) for one-hot labels")
+        if y.dtype != torch.int64:
+            raise ValueError(f"{where} must be int64 class indices, got dtype {y.dtype} (shape "
+                             f"{tuple(y.shape)}); convert with y.long()")
+        if y.numel():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"{where} holds labels {lo}..{hi}, outside 0..{k - 1} "
+                                 f"(num_classes={k}); fix the labels or the dataset's "
+                                 "num_classes")
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    """``checkpoint_dir`` must be a folder or creatable as one: neither it nor a parent may be a
+    file (that would fail only when the first checkpoint is written, after epoch 1)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise ValueError(f"Trainer: checkpoint_dir {path} {what}, not a folder; pass a "
+                                 "folder path (created if missing) or checkpoint_dir=None")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"Trainer: checkpoint_dir {path}: {p} is not writable; pass a "
+                                 "writable folder or checkpoint_dir=None")
+            return
+
+
 class Trainer:
     """Train a model with mini-batch SGD, evaluate after each epoch, checkpoint, resume.
 
@@ -191,7 +231,8 @@ class Trainer:
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"Trainer: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-        if not (isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr)):
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0
+                                        and np.isfinite(lr)):
             raise ValueError(f"Trainer: lr must be a positive finite number, got {lr!r}")
         self.loss = loss
         self.lr = float(lr)
@@ -209,6 +250,8 @@ class Trainer:
         self.eval_initial = bool(eval_initial)
         self.run_name = str(run_name)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if self.checkpoint_dir is not None:
+            _check_checkpoint_dir(self.checkpoint_dir)
         self.progress = progress
 
         if not isinstance(dataset, ArrayDataset):
@@ -216,6 +259,8 @@ class Trainer:
                             f"got {type(dataset).__name__}")
         if dataset.train_x.shape[0] == 0 or dataset.test_x.shape[0] == 0:
             raise ValueError(f"Trainer: {dataset!r} has an empty training or test set")
+        if loss == "cross_entropy":
+            _check_labels(dataset)
         self.dataset = dataset.to(self.device)
 
         if isinstance(model, nn.Module):
@@ -319,6 +364,9 @@ class Trainer:
             if out.ndim != 2:
                 raise ValueError(f"Trainer: loss='cross_entropy' needs logits (N, classes); the "
                                  f"model returned shape {tuple(out.shape)}")
+            if out.shape[1] < self.dataset.num_classes:
+                raise ValueError(f"Trainer: the model returns {out.shape[1]} logits but dataset "
+                                 f"{self.dataset.name!r} has {self.dataset.num_classes} classes")
             return out
         target = x.reshape(x.shape[0], -1)
         if out.shape != target.shape:
