@@ -92,8 +92,9 @@ def test_momentum_and_a_scheduler_stay_stable(digits) -> None:
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.9**3)
     # the clip budgets the steady-state momentum step lr/(1 - mu): stable, and slower than
-    # without momentum at the same lr
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] <= 0.7 * losses[0], losses
+    # without momentum at the same lr (the clip takes back the momentum's 10x)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] <= 0.8 * losses[0], losses
+    assert max(losses) < 1.5 * losses[0], losses
 
 
 # ------------------------------------------------------------------------------ SGD idioms
