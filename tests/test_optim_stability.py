@@ -34,6 +34,8 @@ FAMILIES = {
     "mixed-mlp": mixed_mlp,
     "strided-conv": strided_convnet,
     "paper-8x128": lambda: paper_mlp("elu", in_features=64),
+    # with a per-unit damping this one went from loss 1.95 to 3e4 in one step at lr 0.01
+    "paper-8x128-relu": lambda: paper_mlp("relu", in_features=64),
 }
 
 
@@ -154,8 +156,8 @@ def test_per_group_hyperparameters_and_scheduler() -> None:
     step(model, opt, *batch(3))
     assert torch.all(opt.factors("0").damping == 0.1)  # absolute
     F3 = opt.fisher("3")
-    rel = 1e-2 * F3.diagonal(dim1=-2, dim2=-1).mean(-1)  # relative: rho * mean diagonal
-    assert torch.allclose(opt.factors("3").damping, rel, rtol=1e-12)
+    rel = 1e-2 * F3.diagonal(dim1=-2, dim2=-1).mean()  # relative: rho * the layer's mean diagonal
+    assert torch.allclose(opt.factors("3").damping, rel.expand(3), rtol=1e-12)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.5)
     step(model, opt, *batch(3))
     sched.step()
@@ -173,7 +175,7 @@ def test_relative_damping_step_equals_dense_solve() -> None:
     step(model, opt, x, y)
     Fu = opt.fisher("3")
     g = torch.cat([model[3].bias.grad[:, None], model[3].weight.grad], 1)
-    lam = 0.05 * Fu.diagonal(dim1=-2, dim2=-1).mean(-1)
+    lam = 0.05 * Fu.diagonal(dim1=-2, dim2=-1).mean().expand(Fu.shape[0])  # one λ per layer
     eye = torch.eye(Fu.shape[-1], dtype=F64)
     d = torch.linalg.solve(Fu + lam[:, None, None] * eye, g.unsqueeze(-1)).squeeze(-1)
     after = torch.cat([model[3].bias.detach()[:, None], model[3].weight.detach()], 1)

@@ -19,9 +19,10 @@ Two forms:
 * ``"inverse"`` keeps ``P = (F + λI)⁻¹`` (from ``cholesky_inverse``).  Each application is one
   batched vector-matrix product, but it reads all ``m²`` entries of every block, and the
   refresh costs three times as much.  An explicit inverse is accurate only to
-  ``cond · eps`` *relative to* ``‖P‖``.  With relative damping ``λ_u = ρ · tr(F_u)/m`` the
-  condition number is at most ``m/ρ + 1``, since ``λ_max(F_u) ≤ tr(F_u)``.  So the form is safe
-  in float64 and in float32 only for a damping that keeps ``(m/ρ + 1) · 6e-8`` small.
+  ``cond · eps`` *relative to* ``‖P‖``, so a direction ``Pg`` can be off by ``cond² · eps``.
+  With damping ``λ`` the condition number of a block is at most ``tr(F_u)/λ + 1``, since
+  ``λ_max(F_u) ≤ tr(F_u)``.  So the form is safe in float64, and in float32 only for a damping
+  that keeps ``(tr(F_u)/λ + 1)² · 6e-8`` small.
 
 :func:`pack_tril`/:func:`unpack_tril` store the symmetric (or triangular) blocks in half the
 space, for checkpoints.
