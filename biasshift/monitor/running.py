@@ -181,6 +181,18 @@ class ScratchPool:
         permuted = flat.view([x.shape[p] for p in perm])
         return permuted.permute([perm.index(i) for i in range(x.ndim)])
 
+    def stacked(self, slot: str, x: Tensor, dtype: torch.dtype, k: int) -> Tensor:
+        """``k`` tensors like :meth:`like` in one allocation: ``(k, *x.shape)``, each slot with
+        ``x``'s memory layout, so that one kernel can work on several slots at once."""
+        flat = self._get(slot, k * x.numel(), dtype, x.device)
+        perm = list(range(x.ndim))
+        if not x.is_contiguous():
+            p = _layout_perm(x)
+            if x.permute(p).is_contiguous():
+                perm = p
+        v = flat.view([k] + [x.shape[p] for p in perm])
+        return v.permute([0] + [perm.index(i) + 1 for i in range(x.ndim)])
+
     def rows(self, slot: str, n: int, units: int, dtype: torch.dtype,
              device: torch.device) -> Tensor:
         return self._get(slot, n * units, dtype, device).view(n, units)
@@ -239,7 +251,8 @@ def summarize(
 
 
 def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
-                 scratch: ScratchPool, *, shift: Tensor | None = None) -> None:
+                 scratch: ScratchPool, *, shift: Tensor | None = None,
+                 fused: bool = True) -> None:
     """Merge batch ``x`` into ``state`` in place.
 
     ``x`` is reduced in tiles of about :data:`_TILE_ELEMENTS` elements along its first sample
@@ -258,6 +271,9 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     if per_slice > _MAX_EXACT_ROWS[cd]:
         cd = torch.float64
     step = max(1, min(_MAX_EXACT_ROWS[cd] // per_slice, _TILE_ELEMENTS // (per_slice * units)))
+    if fused:
+        _reduce_fused(state, x, unit_dim, cd, scratch, shift, split, step, rows)
+        return
     if step >= n_split:
         _merge_state_(state, _tile_state(_batch_sums(x, unit_dim, cd, scratch, state, shift),
                                          float(rows)))
@@ -268,6 +284,81 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
                            device=x.device)
     tile_rows[-1] = float(rows - step * per_slice * (len(sums) - 1))
     _merge_state_(state, _combine_tiles(_tile_state(torch.stack(sums), tile_rows)))
+
+
+def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
+                  scratch: ScratchPool, shift: Tensor | None, split: int, step: int,
+                  rows: int) -> None:
+    """:func:`_reduce_into` with the tiles' sums written by fewer, larger kernels (see
+    :func:`_tile_sums_fused`) straight into one ``(tiles, 8, units)`` tensor: the same numbers,
+    bit for bit, as the per-tile :func:`_batch_sums` of the reference path."""
+    units = x.shape[unit_dim]
+    n_split = x.shape[split]
+    n_tiles = -(-n_split // step)
+    sums = scratch.rows("tile_sums", n_tiles * 8, units, cd, x.device).view(n_tiles, 8, units)
+    if shift is None:
+        has_prior = state[_COUNT] > 0
+        prior_mean = (state[_REF] + state[_DMEAN]).to(cd)
+    else:
+        has_prior = prior_mean = None
+        shift = shift.to(cd).nan_to_num_(0.0, 0.0, 0.0)
+    for t in range(n_tiles):
+        start = t * step
+        part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
+        _tile_sums_fused(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean, shift)
+    sums64 = sums.to(torch.float64)
+    if n_tiles == 1:
+        _merge_state_(state, _tile_state(sums64[0], float(rows)))
+        return
+    per_slice = rows // n_split
+    tile_rows = torch.full((n_tiles, 1), float(step * per_slice), dtype=torch.float64,
+                           device=x.device)
+    tile_rows[-1] = float(rows - step * per_slice * (n_tiles - 1))
+    _merge_state_(state, _combine_tiles(_tile_state(sums64, tile_rows)))
+
+
+def _tile_sums_fused(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
+                     out: Tensor, has_prior: Tensor | None, prior_mean: Tensor | None,
+                     shift: Tensor | None) -> None:
+    """The rows of :func:`_batch_sums` for one tile, written in place into ``out``
+    (``(8, units)`` in ``cd``): the reference's elementwise kernels on a work tensor of the
+    reference's layout, so every row equals the reference's bit for bit, but without its
+    per-tile bookkeeping (the shift's candidates are computed once per batch, the sums are
+    written where :func:`_tile_state` reads them: no ``stack`` and no per-tile conversion).
+    """
+    units = x.shape[unit_dim]
+    dims = [i for i in range(x.ndim) if i != unit_dim]
+    bshape = [1] * x.ndim
+    bshape[unit_dim] = units
+    if x.dtype != cd:
+        xc = scratch.like("convert", x, cd)
+        xc.copy_(x)
+        x = xc
+    s = scratch.like("work", x, cd)
+    lo, hi, c = out[5], out[6], out[7]
+    # min and sign counts with non-finite -> +inf, max and Σ sign with non-finite -> -inf
+    torch.nan_to_num(x, _INF, _INF, _INF, out=s)
+    torch.amin(s, dims, out=lo)
+    s.sign_()
+    torch.sum(s, dims, out=out[2])
+    s.abs_()
+    torch.sum(s, dims, out=out[3])
+    torch.nan_to_num(x, -_INF, -_INF, -_INF, out=s)
+    torch.amax(s, dims, out=hi)
+    s.sign_()
+    torch.sum(s, dims, out=out[4])
+    if shift is None:
+        assert has_prior is not None and prior_mean is not None
+        torch.where(has_prior, prior_mean, lo * 0.5 + hi * 0.5, out=c)
+        c.nan_to_num_(0.0, 0.0, 0.0)
+    else:
+        c.copy_(shift)
+    # moments around the shift; non-finite samples contribute 0
+    torch.sub(x, c.view(bshape), out=s)
+    s.nan_to_num_(0.0, 0.0, 0.0)
+    torch.sum(s, dims, out=out[0])
+    s.mul_(s)
+    torch.sum(s, dims, out=out[1])
 
 
 def _tile_state(sums: Tensor, rows: float | Tensor) -> Tensor:
@@ -470,8 +561,9 @@ class RunningStats:
             for start in range(0, x.shape[split], step):
                 part = x.narrow(split, start, min(step, x.shape[split] - start))
                 work = self.scratch.like("hist", part, torch.float64)
-                index = self.scratch.like("hist_index", part, torch.int64)
-                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index)
+                slots = self.scratch.like("hist_slots", part, torch.float32)
+                index = self.scratch.like("hist_index", part, torch.int32)
+                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index, slots)
 
     def _commit_buffer(self) -> None:
         pending = self._pending()
