@@ -64,6 +64,7 @@ from torch import Tensor
 from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram
 
 __all__ = [
+    "DIRECT_ELEMENTS",
     "STATE_ROWS",
     "STAT_COLUMNS",
     "RunningStats",
@@ -87,6 +88,8 @@ _INF = math.inf
 _MAX_EXACT_ROWS = {torch.float32: 2**24, torch.float64: 2**53}
 # Elements per tile of a reduction: the tile and its work tensor stay in the CPU's cache.
 _TILE_ELEMENTS = 2**18
+#: Batches with at least this many elements are reduced at once instead of being staged.
+DIRECT_ELEMENTS = 2**18
 
 
 def empty_state(units: int, device: torch.device | str | None = None) -> Tensor:
@@ -223,6 +226,7 @@ def summarize(
     *,
     compute_dtype: torch.dtype = torch.float32,
     scratch: ScratchPool | None = None,
+    fused: bool = True,
 ) -> Tensor:
     """The ``(9, units)`` float64 state of one batch ``x`` (units along ``unit_dim``).
 
@@ -234,6 +238,8 @@ def summarize(
             depends on it.
         compute_dtype: float32 or float64, the dtype of the elementwise work and batch sums.
         scratch: work tensors to reuse (default: a fresh pool).
+        fused: the fused reduction (default) or the tiled reference (``False``); both give
+            the same state bit for bit.
 
     Runs a fixed sequence of kernels (no host synchronisation, no branching on values).
     """
@@ -246,7 +252,7 @@ def summarize(
         raise ValueError("activations must have a unit dimension, got a 0-dim tensor")
     state = empty_state(x.shape[unit_dim], x.device)
     _reduce_into(state, x, unit_dim % x.ndim, compute_dtype,
-                 scratch if scratch is not None else ScratchPool(), shift=shift)
+                 scratch if scratch is not None else ScratchPool(), shift=shift, fused=fused)
     return state
 
 
@@ -440,7 +446,12 @@ class RunningStats:
         histogram: optional :class:`~biasshift.monitor.histogram.HistogramSpec` for per-unit
             fixed-bin histograms.
         buffer_rows: samples per unit staged before a reduction (0: reduce every batch).
+            Batches of at least :data:`DIRECT_ELEMENTS` elements are reduced at once: they
+            amortise a reduction's kernel launches themselves, and staging would only add a
+            copy.
         scratch: a :class:`ScratchPool` to share work tensors with other accumulators.
+        fused: reduce with the fused kernels (default) or the tiled reference implementation
+            (``False``); the results are the same bit for bit, only the speed differs.
 
     All tensors are created on ``device`` and updated in place; nothing waits for the device.
     """
@@ -454,6 +465,7 @@ class RunningStats:
         histogram: HistogramSpec | None = None,
         buffer_rows: int = 0,
         scratch: ScratchPool | None = None,
+        fused: bool = True,
     ) -> None:
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(f"units must be a positive int, got {units!r}")
@@ -468,6 +480,7 @@ class RunningStats:
         self.histogram = histogram
         self.buffer_rows = min(buffer_rows, _MAX_EXACT_ROWS[compute_dtype])
         self.scratch = scratch if scratch is not None else ScratchPool()
+        self.fused = bool(fused)
         self.batches = 0
         self._buffer: Tensor | None = None
         # "units_last": buffer (buffer_rows, units), for outputs whose unit dim is innermost (the
@@ -503,10 +516,11 @@ class RunningStats:
         if x.device != self.device:
             raise ValueError(f"batch on {x.device}, statistics on {self.device}; call .to()")
         self.batches += 1
-        rows = x.numel() // self.units
+        numel = x.numel()
+        rows = numel // self.units
         if rows == 0:
             return
-        if rows > self.buffer_rows:
+        if rows > self.buffer_rows or numel >= DIRECT_ELEMENTS:
             with torch.no_grad(), torch.inference_mode(False):
                 self._reduce(x.detach(), unit_dim % x.ndim, self._state, self._hist)
             return
@@ -553,7 +567,7 @@ class RunningStats:
         return self._buffer[:, : self._fill], 0
 
     def _reduce(self, x: Tensor, unit_dim: int, state: Tensor, hist: Tensor | None) -> None:
-        _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch)
+        _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch, fused=self.fused)
         if hist is not None:
             assert self.histogram is not None
             split = 1 if unit_dim == 0 else 0
