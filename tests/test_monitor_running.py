@@ -458,3 +458,12 @@ def test_fused_equals_tiled_reference_bit_for_bit(layout, units, sizes, dtype, s
     want = reference(flat.numpy())
     for c in ("count", "nonfinite", "min", "max", "frac_negative", "frac_zero"):
         np.testing.assert_array_equal(got[c].numpy().astype(np.float64), want[c], err_msg=c)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_summarize_leaves_the_callers_shift_alone(fused: bool) -> None:
+    x = torch.randn(20, 3) + 5
+    shift = torch.tensor([5.0, math.nan, math.inf])
+    st_ = summarize(x, 1, shift=shift, fused=fused)
+    assert torch.equal(shift.isnan(), torch.tensor([False, True, False])) and shift[2] == math.inf
+    assert_stats_match(state_to_stats(st_), reference(x.numpy()), rtol=1e-6)

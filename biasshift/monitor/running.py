@@ -307,7 +307,7 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
         prior_mean = (state[_REF] + state[_DMEAN]).to(cd)
     else:
         has_prior = prior_mean = None
-        shift = shift.to(cd).nan_to_num_(0.0, 0.0, 0.0)
+        shift = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)  # never the caller's tensor
     for t in range(n_tiles):
         start = t * step
         part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
@@ -425,7 +425,7 @@ def _batch_sums(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
     if shift is None:
         mid = (lo * 0.5 + hi * 0.5).to(torch.float64)
         shift = torch.where(prior[_COUNT] > 0, prior[_REF] + prior[_DMEAN], mid)
-    c = shift.to(cd).nan_to_num_(0.0, 0.0, 0.0)
+    c = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)
     # moments around the shift; non-finite samples contribute 0
     torch.sub(x, c.view(bshape), out=s)
     s.nan_to_num_(0.0, 0.0, 0.0)
