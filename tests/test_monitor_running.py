@@ -466,4 +466,5 @@ def test_summarize_leaves_the_callers_shift_alone(fused: bool) -> None:
     shift = torch.tensor([5.0, math.nan, math.inf])
     st_ = summarize(x, 1, shift=shift, fused=fused)
     assert torch.equal(shift.isnan(), torch.tensor([False, True, False])) and shift[2] == math.inf
-    assert_stats_match(state_to_stats(st_), reference(x.numpy()), rtol=1e-6)
+    # a non-finite shift is used as 0: only the float32 accuracy of the moments suffers
+    assert_stats_match(state_to_stats(st_), reference(x.numpy()), rtol=1e-4)
