@@ -30,7 +30,8 @@ Speed
     Hooks never synchronise with the host: no ``.item()``, ``.cpu()``, ``.tolist()`` or Python
     branching on values, only kernels queued on the activations' device and shape checks on
     Python ints. By default each call only copies its output into a per-module staging buffer
-    (``buffer_bytes``, 4 MiB) that is reduced when full; :meth:`stats` is where the one transfer
+    (``buffer_bytes``, 4 MiB) that is reduced when full (outputs of at least ``2**18`` elements
+    are reduced at once); :meth:`stats` is where the one transfer
     to the host happens.
 
 ``torch.compile``

@@ -35,9 +35,20 @@ How a batch is reduced
     ``sum``/``amin``/``amax`` over the sample dims), run in tiles of ``2**18`` elements that stay
     in the CPU's cache; tiles are combined with the multi-way form of the same merge.
 
+    The default (``fused=True``) runs these kernels and writes every tile's sums in place
+    into one ``(tiles, 8, units)`` tensor, with the shift's candidates computed once per batch;
+    ``fused=False`` keeps the original tiled implementation as the reference. Both give the
+    same state bit for bit, with or without non-finite values (a hypothesis test checks it).
+    The masking costs no separate pass to skip: the ``±inf`` fills feed the extremes and the
+    sign counts, and ``nan_to_num_`` on the shifted values is one in-cache pass. (Without a
+    host read, a device-side "all finite" flag can only select between results that were
+    both computed, so it cannot save work in eager mode.)
+
 Staging (``buffer_rows``)
     With ``buffer_rows > 0`` a batch is only *copied* (one kernel) into a per-accumulator buffer
-    in the compute dtype: ``(buffer_rows, units)`` when the batch's unit dim is its innermost one
+    in the compute dtype (batches of at least :data:`DIRECT_ELEMENTS` elements are reduced at
+    once: staging them would only add a copy): ``(buffer_rows, units)`` when the batch's unit
+    dim is its innermost one
     (Linear and sequence outputs, channels-last convs: the copy is a memcpy), else
     ``(units, buffer_rows)`` (NCHW conv outputs). The buffer is reduced and merged when the next
     batch does not fit. This amortises the ~40 small kernels of a reduction over many training
