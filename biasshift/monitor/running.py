@@ -35,9 +35,20 @@ How a batch is reduced
     ``sum``/``amin``/``amax`` over the sample dims), run in tiles of ``2**18`` elements that stay
     in the CPU's cache; tiles are combined with the multi-way form of the same merge.
 
+    The default (``fused=True``) runs these kernels and writes every tile's sums in place
+    into one ``(tiles, 8, units)`` tensor, with the shift's candidates computed once per batch;
+    ``fused=False`` keeps the original tiled implementation as the reference. Both give the
+    same state bit for bit, with or without non-finite values (a hypothesis test checks it).
+    The masking costs no separate pass to skip: the ``±inf`` fills feed the extremes and the
+    sign counts, and ``nan_to_num_`` on the shifted values is one in-cache pass. (Without a
+    host read, a device-side "all finite" flag can only select between results that were
+    both computed, so it cannot save work in eager mode.)
+
 Staging (``buffer_rows``)
     With ``buffer_rows > 0`` a batch is only *copied* (one kernel) into a per-accumulator buffer
-    in the compute dtype: ``(buffer_rows, units)`` when the batch's unit dim is its innermost one
+    in the compute dtype (batches of at least :data:`DIRECT_ELEMENTS` elements are reduced at
+    once: staging them would only add a copy): ``(buffer_rows, units)`` when the batch's unit
+    dim is its innermost one
     (Linear and sequence outputs, channels-last convs: the copy is a memcpy), else
     ``(units, buffer_rows)`` (NCHW conv outputs). The buffer is reduced and merged when the next
     batch does not fit. This amortises the ~40 small kernels of a reduction over many training
@@ -64,6 +75,7 @@ from torch import Tensor
 from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram
 
 __all__ = [
+    "DIRECT_ELEMENTS",
     "STATE_ROWS",
     "STAT_COLUMNS",
     "RunningStats",
@@ -87,6 +99,8 @@ _INF = math.inf
 _MAX_EXACT_ROWS = {torch.float32: 2**24, torch.float64: 2**53}
 # Elements per tile of a reduction: the tile and its work tensor stay in the CPU's cache.
 _TILE_ELEMENTS = 2**18
+#: Batches with at least this many elements are reduced at once instead of being staged.
+DIRECT_ELEMENTS = 2**18
 
 
 def empty_state(units: int, device: torch.device | str | None = None) -> Tensor:
@@ -181,6 +195,18 @@ class ScratchPool:
         permuted = flat.view([x.shape[p] for p in perm])
         return permuted.permute([perm.index(i) for i in range(x.ndim)])
 
+    def stacked(self, slot: str, x: Tensor, dtype: torch.dtype, k: int) -> Tensor:
+        """``k`` tensors like :meth:`like` in one allocation: ``(k, *x.shape)``, each slot with
+        ``x``'s memory layout, so that one kernel can work on several slots at once."""
+        flat = self._get(slot, k * x.numel(), dtype, x.device)
+        perm = list(range(x.ndim))
+        if not x.is_contiguous():
+            p = _layout_perm(x)
+            if x.permute(p).is_contiguous():
+                perm = p
+        v = flat.view([k] + [x.shape[p] for p in perm])
+        return v.permute([0] + [perm.index(i) + 1 for i in range(x.ndim)])
+
     def rows(self, slot: str, n: int, units: int, dtype: torch.dtype,
              device: torch.device) -> Tensor:
         return self._get(slot, n * units, dtype, device).view(n, units)
@@ -211,6 +237,7 @@ def summarize(
     *,
     compute_dtype: torch.dtype = torch.float32,
     scratch: ScratchPool | None = None,
+    fused: bool = True,
 ) -> Tensor:
     """The ``(9, units)`` float64 state of one batch ``x`` (units along ``unit_dim``).
 
@@ -222,6 +249,8 @@ def summarize(
             depends on it.
         compute_dtype: float32 or float64, the dtype of the elementwise work and batch sums.
         scratch: work tensors to reuse (default: a fresh pool).
+        fused: the fused reduction (default) or the tiled reference (``False``); both give
+            the same state bit for bit.
 
     Runs a fixed sequence of kernels (no host synchronisation, no branching on values).
     """
@@ -234,12 +263,13 @@ def summarize(
         raise ValueError("activations must have a unit dimension, got a 0-dim tensor")
     state = empty_state(x.shape[unit_dim], x.device)
     _reduce_into(state, x, unit_dim % x.ndim, compute_dtype,
-                 scratch if scratch is not None else ScratchPool(), shift=shift)
+                 scratch if scratch is not None else ScratchPool(), shift=shift, fused=fused)
     return state
 
 
 def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
-                 scratch: ScratchPool, *, shift: Tensor | None = None) -> None:
+                 scratch: ScratchPool, *, shift: Tensor | None = None,
+                 fused: bool = True) -> None:
     """Merge batch ``x`` into ``state`` in place.
 
     ``x`` is reduced in tiles of about :data:`_TILE_ELEMENTS` elements along its first sample
@@ -258,6 +288,9 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     if per_slice > _MAX_EXACT_ROWS[cd]:
         cd = torch.float64
     step = max(1, min(_MAX_EXACT_ROWS[cd] // per_slice, _TILE_ELEMENTS // (per_slice * units)))
+    if fused:
+        _reduce_fused(state, x, unit_dim, cd, scratch, shift, split, step, rows)
+        return
     if step >= n_split:
         _merge_state_(state, _tile_state(_batch_sums(x, unit_dim, cd, scratch, state, shift),
                                          float(rows)))
@@ -268,6 +301,81 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
                            device=x.device)
     tile_rows[-1] = float(rows - step * per_slice * (len(sums) - 1))
     _merge_state_(state, _combine_tiles(_tile_state(torch.stack(sums), tile_rows)))
+
+
+def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
+                  scratch: ScratchPool, shift: Tensor | None, split: int, step: int,
+                  rows: int) -> None:
+    """:func:`_reduce_into` with the tiles' sums written by fewer, larger kernels (see
+    :func:`_tile_sums_fused`) straight into one ``(tiles, 8, units)`` tensor: the same numbers,
+    bit for bit, as the per-tile :func:`_batch_sums` of the reference path."""
+    units = x.shape[unit_dim]
+    n_split = x.shape[split]
+    n_tiles = -(-n_split // step)
+    sums = scratch.rows("tile_sums", n_tiles * 8, units, cd, x.device).view(n_tiles, 8, units)
+    if shift is None:
+        has_prior = state[_COUNT] > 0
+        prior_mean = (state[_REF] + state[_DMEAN]).to(cd)
+    else:
+        has_prior = prior_mean = None
+        shift = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)  # never the caller's tensor
+    for t in range(n_tiles):
+        start = t * step
+        part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
+        _tile_sums_fused(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean, shift)
+    sums64 = sums.to(torch.float64)
+    if n_tiles == 1:
+        _merge_state_(state, _tile_state(sums64[0], float(rows)))
+        return
+    per_slice = rows // n_split
+    tile_rows = torch.full((n_tiles, 1), float(step * per_slice), dtype=torch.float64,
+                           device=x.device)
+    tile_rows[-1] = float(rows - step * per_slice * (n_tiles - 1))
+    _merge_state_(state, _combine_tiles(_tile_state(sums64, tile_rows)))
+
+
+def _tile_sums_fused(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
+                     out: Tensor, has_prior: Tensor | None, prior_mean: Tensor | None,
+                     shift: Tensor | None) -> None:
+    """The rows of :func:`_batch_sums` for one tile, written in place into ``out``
+    (``(8, units)`` in ``cd``): the reference's elementwise kernels on a work tensor of the
+    reference's layout, so every row equals the reference's bit for bit, but without its
+    per-tile bookkeeping (the shift's candidates are computed once per batch, the sums are
+    written where :func:`_tile_state` reads them: no ``stack`` and no per-tile conversion).
+    """
+    units = x.shape[unit_dim]
+    dims = [i for i in range(x.ndim) if i != unit_dim]
+    bshape = [1] * x.ndim
+    bshape[unit_dim] = units
+    if x.dtype != cd:
+        xc = scratch.like("convert", x, cd)
+        xc.copy_(x)
+        x = xc
+    s = scratch.like("work", x, cd)
+    lo, hi, c = out[5], out[6], out[7]
+    # min and sign counts with non-finite -> +inf, max and Σ sign with non-finite -> -inf
+    torch.nan_to_num(x, _INF, _INF, _INF, out=s)
+    torch.amin(s, dims, out=lo)
+    s.sign_()
+    torch.sum(s, dims, out=out[2])
+    s.abs_()
+    torch.sum(s, dims, out=out[3])
+    torch.nan_to_num(x, -_INF, -_INF, -_INF, out=s)
+    torch.amax(s, dims, out=hi)
+    s.sign_()
+    torch.sum(s, dims, out=out[4])
+    if shift is None:
+        assert has_prior is not None and prior_mean is not None
+        torch.where(has_prior, prior_mean, lo * 0.5 + hi * 0.5, out=c)
+        c.nan_to_num_(0.0, 0.0, 0.0)
+    else:
+        c.copy_(shift)
+    # moments around the shift; non-finite samples contribute 0
+    torch.sub(x, c.view(bshape), out=s)
+    s.nan_to_num_(0.0, 0.0, 0.0)
+    torch.sum(s, dims, out=out[0])
+    s.mul_(s)
+    torch.sum(s, dims, out=out[1])
 
 
 def _tile_state(sums: Tensor, rows: float | Tensor) -> Tensor:
@@ -328,7 +436,7 @@ def _batch_sums(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
     if shift is None:
         mid = (lo * 0.5 + hi * 0.5).to(torch.float64)
         shift = torch.where(prior[_COUNT] > 0, prior[_REF] + prior[_DMEAN], mid)
-    c = shift.to(cd).nan_to_num_(0.0, 0.0, 0.0)
+    c = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)
     # moments around the shift; non-finite samples contribute 0
     torch.sub(x, c.view(bshape), out=s)
     s.nan_to_num_(0.0, 0.0, 0.0)
@@ -349,7 +457,12 @@ class RunningStats:
         histogram: optional :class:`~biasshift.monitor.histogram.HistogramSpec` for per-unit
             fixed-bin histograms.
         buffer_rows: samples per unit staged before a reduction (0: reduce every batch).
+            Batches of at least :data:`DIRECT_ELEMENTS` elements are reduced at once: they
+            amortise a reduction's kernel launches themselves, and staging would only add a
+            copy.
         scratch: a :class:`ScratchPool` to share work tensors with other accumulators.
+        fused: reduce with the fused kernels (default) or the tiled reference implementation
+            (``False``); the results are the same bit for bit, only the speed differs.
 
     All tensors are created on ``device`` and updated in place; nothing waits for the device.
     """
@@ -363,6 +476,7 @@ class RunningStats:
         histogram: HistogramSpec | None = None,
         buffer_rows: int = 0,
         scratch: ScratchPool | None = None,
+        fused: bool = True,
     ) -> None:
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(f"units must be a positive int, got {units!r}")
@@ -377,6 +491,7 @@ class RunningStats:
         self.histogram = histogram
         self.buffer_rows = min(buffer_rows, _MAX_EXACT_ROWS[compute_dtype])
         self.scratch = scratch if scratch is not None else ScratchPool()
+        self.fused = bool(fused)
         self.batches = 0
         self._buffer: Tensor | None = None
         # "units_last": buffer (buffer_rows, units), for outputs whose unit dim is innermost (the
@@ -412,10 +527,11 @@ class RunningStats:
         if x.device != self.device:
             raise ValueError(f"batch on {x.device}, statistics on {self.device}; call .to()")
         self.batches += 1
-        rows = x.numel() // self.units
+        numel = x.numel()
+        rows = numel // self.units
         if rows == 0:
             return
-        if rows > self.buffer_rows:
+        if rows > self.buffer_rows or numel >= DIRECT_ELEMENTS:
             with torch.no_grad(), torch.inference_mode(False):
                 self._reduce(x.detach(), unit_dim % x.ndim, self._state, self._hist)
             return
@@ -462,7 +578,7 @@ class RunningStats:
         return self._buffer[:, : self._fill], 0
 
     def _reduce(self, x: Tensor, unit_dim: int, state: Tensor, hist: Tensor | None) -> None:
-        _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch)
+        _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch, fused=self.fused)
         if hist is not None:
             assert self.histogram is not None
             split = 1 if unit_dim == 0 else 0
@@ -470,8 +586,9 @@ class RunningStats:
             for start in range(0, x.shape[split], step):
                 part = x.narrow(split, start, min(step, x.shape[split] - start))
                 work = self.scratch.like("hist", part, torch.float64)
-                index = self.scratch.like("hist_index", part, torch.int64)
-                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index)
+                slots = self.scratch.like("hist_slots", part, torch.float32)
+                index = self.scratch.like("hist_index", part, torch.int32)
+                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index, slots)
 
     def _commit_buffer(self) -> None:
         pending = self._pending()
