@@ -44,6 +44,9 @@ FORMS = ("cholesky", "inverse")
 #: bytes of factors per CPU chunk of the triangular solves: the chunk fits in the last-level
 #: cache, so the backward solve re-reads the factor from there.
 CACHE_BYTES = 2**21
+#: layers whose factors take fewer bytes are solved in one batched call (they stay in cache
+#: between the two solves anyway, and one call saves the per-call overhead of a chunk loop)
+CHUNK_ABOVE_BYTES = 2**25
 
 
 @dataclass
@@ -105,7 +108,10 @@ class BlockFactors:
             return torch.bmm(g.unsqueeze(1), L).squeeze(1)
         rhs = g.unsqueeze(-1)
         U, m = L.shape[0], L.shape[-1]
-        step = U if L.device.type != "cpu" else max(1, CACHE_BYTES // (m * m * L.element_size()))
+        unit_bytes = m * m * L.element_size()
+        step = U
+        if L.device.type == "cpu" and U * unit_bytes > CHUNK_ABOVE_BYTES:
+            step = max(1, CACHE_BYTES // unit_bytes)
         if step >= U:
             z = torch.linalg.solve_triangular(L, rhs, upper=False)
             return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
