@@ -1,0 +1,782 @@
+r"""Measure the bias shift and the gradient/natural-gradient gap of one update, in any loop.
+
+The ELU paper (Clevert et al., ICLR 2016, Section 2) argues that a unit's *bias shift* — the
+change of its mean net input caused by an update, ``Δw₀ + E_p(a)ᵀΔw`` — slows learning, that the
+unit natural gradient corrects it (Theorems 1 and 2), and that activations with means near zero
+bring the plain gradient closer to the unit natural gradient.  :class:`BiasShiftProbe` measures
+this on the update of **any** optimizer in **any** training loop::
+
+    probe = BiasShiftProbe(model, probe_inputs, probe_targets, fisher="exact", damping=1e-3,
+                           damping_mode="relative")
+    loss.backward()
+    with probe.measure() as m:          # reads every tracked layer's current .grad
+        optimizer.step()                # the update whose effect is measured
+    m.tensors                           # {layer: {quantity: (units,) tensor on the device}}
+    m.frame()                           # tidy pandas: layer, unit, quantity, value
+
+For every unit of every tracked ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layer with a bias
+(the units of a conv layer are its output channels; every (sample, position) pair of the probe
+is a sample of the unit, as in :class:`biasshift.UnitFisher`'s theorem blocks):
+
+* ``g = (g₀, g)``: the unit's gradient as found in ``.grad`` on entering :meth:`measure`;
+* ``F = E_pairs(δ² ã ãᵀ) = [[c, bᵀ], [b, A]]``: the unit Fisher on the fixed probe, of kind
+  ``fisher`` (``"exact"``: the expectation over the model's predictive distribution;
+  ``"empirical"``: the probe targets; ``"mc"``: samples from the probe's own generator), damped
+  ``F + λI`` (the bias entry too);
+* ``E_p(a)``: the unit's mean incoming vector on the probe.
+
+Quantities (``QUANTITIES``; each a ``(units,)`` tensor)
+
+=================================  ===========================================================
+``mean_net``                       the unit's mean net input on the probe before the update
+``E_p_delta2``                     ``c = E_p(δ²)``
+``norm_E_p_a``, ``norm_E_q_a``     ``|E_p(a)|`` and ``|E_q(a)|`` (undamped ``b/c``; NaN for a
+                                   unit with ``δ ≡ 0``)
+``s``, ``k``                       Theorem 1's ``s`` and Theorem 2's ``k`` of ``F + λI``
+                                   (``k = s (c+λ)(1 − E_p(a)ᵀ(A+λI)⁻¹b)``)
+``k_undamped``                     the paper's ``k = 1 + (E_q(a) − E_p(a))ᵀVar_q(a)⁻¹E_q(a)`` of
+                                   the undamped ``F``
+``mean_scale_q``                   ``E_q(a)ᵀ Var_q(a)⁻¹ E_q(a)`` (undamped; Theorem 1's
+                                   ``s = c⁻¹(1 + mean_scale_q)``): the scale-free distance of the
+                                   δ²-weighted incoming mean from zero
+``mean_scale_p``                   ``E_p(a)ᵀ Var_p(a)⁻¹ E_p(a)``: the same under ``p`` (equal for
+                                   all units that share their inputs)
+``damping``                        the ``λ`` used for the unit's block
+``grad_norm``                      ``|(g₀, g)|``
+``cos_grad_ng``                    cos(``g``, ``(F + λI)⁻¹g``)
+``cos_ng_uncorrected``             cos(``(F + λI)⁻¹g``, ``F̃⁻¹g``) with ``F̃ = diag(c+λ, A+λI)``
+                                   the block without the bias coupling (``b = 0``): how much
+                                   Theorem 1's bias-shift correction turns the natural gradient;
+                                   1 when ``E_q(a) = 0``
+``bias_shift_sgd``                 ``g₀ + E_p(a)ᵀg`` — the bias shift of the direction ``g``
+``bias_shift_ng``                  ``Δw₀ + E_p(a)ᵀΔw`` for ``(Δw₀, Δw) = (F + λI)⁻¹g``
+``bias_shift_ng_uncorrected``      the same for ``F̃⁻¹g``: ``E_p(a)ᵀ(A+λI)⁻¹g + g₀/(c+λ)``
+``ng_mean_term``, ``ng_bias_term`` Theorem 2's ``(E_p(a) − kE_q(a))ᵀ(A+λI)⁻¹g`` and
+                                   ``k g₀/(c+λ)`` (they sum to ``bias_shift_ng``)
+``step_bias_shift_first_order``    ``Δw₀ + E_p(a)ᵀΔw`` with the **actual** parameter change of
+                                   the step (after minus before), whatever the optimizer
+``step_bias_shift_measured``       the change of the unit's mean net input on the probe caused
+                                   by the step (it also contains the other layers' updates)
+``cond_F``                         condition number of ``F + λI`` (only with ``condition=True``)
+=================================  ===========================================================
+
+Damping
+    ``damping_mode="absolute"``: ``λ = damping`` for every block.  ``damping_mode="relative"``
+    (default): ``λ = damping × tr(F)/(n+1)``, the **mean diagonal entry of the unit's own
+    block** (``E_p(δ² |ã|²)/(n+1)``), so that cosines and ``k`` are comparable across units,
+    layers, activations and training time (the mean diagonal rather than ``E_p(δ²)`` because
+    it follows the scale of the incoming activations, which set the eigenvalues of ``A``).
+    A unit whose block is zero (a dead unit, ``δ ≡ 0``) is damped with ``damping`` times its
+    layer's mean of those scales.
+
+Undamped quantities
+    ``k_undamped``, ``mean_scale_q`` and ``mean_scale_p`` need ``Var_q(a)`` / ``Var_p(a)`` to be
+    invertible.  They are NaN where it is not numerically positive definite: always when a
+    layer has fewer probe pairs than inputs (the rank is at most the number of pairs; the first
+    layer of an MNIST net with a 512-sample probe), and for inputs that are constant on the
+    probe (dead ReLUs of the previous layer, MNIST's border pixels).
+
+Cost
+    Float32 by default (``dtype=torch.float64`` for verification).  Per layer and group the
+    probe's incoming rows are shared by all units: in parameter space every block ``A`` comes
+    from **one** GEMM of the per-unit weights with the packed products ``a_i a_j`` of the rows
+    (``i ≤ j``); where the probe has fewer pairs than the layer has inputs the solves run in
+    sample space (Woodbury, one ``P × P`` Cholesky factor per unit from the shared Gram matrix
+    ``X Xᵀ``).  One factorisation of ``A + λI`` per unit gives every Theorem 1/2 quantity (one
+    solve with the two right-hand sides ``[g, b]``).  The exact categorical Fisher costs one
+    backward pass of the probe per class.
+
+Contract
+    The probe never touches ``.grad``, the parameters, the global random generators (``"mc"``
+    draws from the probe's own generator) or the training flags (the model is evaluated in eval
+    mode, every submodule's flag restored), so a training trajectory is bit-identical with and
+    without it.  Its forward/backward passes run with :func:`torch.autograd.grad` on the layer
+    outputs, inside :class:`~biasshift.hooks.Trace`.  A measurement does not synchronise with
+    the host until its results are read on the host: :meth:`Measurement.host` (used by
+    :meth:`Measurement.frame`) moves every value and flag in **one** transfer; ``m.tensors``
+    stays on the device.
+
+Errors and non-finite values
+    A singular block (possible only with ``damping=0`` or a block that is numerically
+    indefinite) is NaN in ``m.tensors`` and raises :class:`~biasshift.theory.SingularFisherError`
+    when read on the host.  Non-finite activations or ``δ`` on the probe (a diverged model) make
+    every Fisher-based quantity NaN (``m.nonfinite`` is set); the measured ones stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from biasshift.fisher.capture import LayerSelection, LayerSpec, delta_rows, incoming, resolve_layers
+from biasshift.fisher.likelihood import FISHER_KINDS, Likelihood, make_likelihood, score_vectors
+from biasshift.hooks import Trace, eval_mode
+from biasshift.theory import SingularFisherError, unit_quantities
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["DAMPING_MODES", "FISHER_QUANTITIES", "QUANTITIES", "BiasShiftProbe", "Measurement"]
+
+DAMPING_MODES = ("relative", "absolute")
+
+#: quantities that come from the Fisher blocks (NaN when the probe's values are non-finite)
+FISHER_QUANTITIES = (
+    "E_p_delta2", "norm_E_p_a", "norm_E_q_a", "s", "k", "k_undamped", "mean_scale_q",
+    "mean_scale_p", "damping", "grad_norm", "cos_grad_ng", "cos_ng_uncorrected",
+    "bias_shift_sgd", "bias_shift_ng", "bias_shift_ng_uncorrected", "ng_mean_term",
+    "ng_bias_term",
+)
+#: every quantity of a measurement, in table order (``cond_F`` is appended with ``condition``)
+QUANTITIES = ("mean_net", *FISHER_QUANTITIES, "step_bias_shift_first_order",
+              "step_bias_shift_measured")
+_MEASURED = ("mean_net", "grad_norm", "bias_shift_sgd", "norm_E_p_a",
+             "step_bias_shift_first_order", "step_bias_shift_measured")
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(-1)
+
+
+def _cos(x: Tensor, y: Tensor) -> Tensor:
+    return _dot(x, y) / (x.norm(dim=-1) * y.norm(dim=-1))
+
+
+def _bad_pivots(A: Tensor, L: Tensor, info: Tensor) -> Tensor:
+    """Flags of :func:`biasshift.theory.cholesky_solver`: failed or near-zero (Jacobi-scaled)
+    pivots."""
+    tol = A.shape[-1] * torch.finfo(A.dtype).eps
+    scaled = L.diagonal(dim1=-2, dim2=-1).square() / A.diagonal(dim1=-2, dim2=-1)
+    return (info != 0) | ~(scaled.amin(-1) > tol)
+
+
+class _CholeskySolve:
+    """``(A + λI)⁻¹ rhs`` from a Cholesky factor (parameter space)."""
+
+    def __init__(self, A: Tensor) -> None:
+        self.L, info = torch.linalg.cholesky_ex(A)
+        self.bad = _bad_pivots(A, self.L, info)
+        # keep the flagged factors finite (their results are masked later)
+        self.L = torch.where(self.bad[:, None, None],
+                             torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), self.L)
+
+    def __call__(self, rhs: Tensor) -> Tensor:
+        return torch.cholesky_solve(rhs, self.L)
+
+
+class _WoodburySolve:
+    r"""``(λI + UᵀU)⁻¹ v = (v − Uᵀ(λI_P + UUᵀ)⁻¹Uv)/λ`` with ``U = diag(d) X`` and a per-unit
+    ``λ``; ``UUᵀ = diag(d) K diag(d)`` from the shared ``K = XXᵀ``."""
+
+    def __init__(self, X: Tensor, K: Tensor, d: Tensor, lam: Tensor) -> None:
+        self.X, self.d, self.lam = X, d, lam
+        C = d.unsqueeze(-1) * K * d.unsqueeze(-2)
+        C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
+        self.L, info = torch.linalg.cholesky_ex(C)
+        self.bad = (info != 0) | ~(lam > 0)
+
+    def __call__(self, rhs: Tensor) -> Tensor:
+        T = torch.matmul(self.X, rhs) * self.d.unsqueeze(-1)  # (B, P, r)
+        Z = torch.cholesky_solve(T, self.L)
+        return (rhs - torch.matmul(self.X.T, Z * self.d.unsqueeze(-1))) / self.lam[:, None, None]
+
+
+def _packed_gram(X: Tensor, W: Tensor, budget: int) -> Tensor:
+    r"""``A_u = Σ_p W_up x_p x_pᵀ`` for all units at once: ``(B, n, n)``.
+
+    One GEMM ``W @ Z`` with ``Z_p = (x_pi x_pj)_{i≤j}`` the packed upper triangle of the rows'
+    outer products (shared by all units), in row chunks of at most ``budget`` bytes.
+    """
+    P, n = X.shape
+    iu = torch.triu_indices(n, n, device=X.device)
+    T = iu.shape[1]
+    rows = max(1, min(P, budget // max(1, T * X.element_size())))
+    packed: Tensor | None = None
+    for r0 in range(0, P, rows):
+        Xr = X[r0:r0 + rows]
+        Z = Xr[:, iu[0]] * Xr[:, iu[1]]
+        part = W[:, r0:r0 + rows] @ Z
+        packed = part if packed is None else packed.add_(part)
+    assert packed is not None
+    A = X.new_empty(W.shape[0], n, n)
+    A[:, iu[0], iu[1]] = packed
+    A[:, iu[1], iu[0]] = packed
+    return A
+
+
+@dataclass
+class _Layer:
+    spec: LayerSpec
+    bias: Tensor
+    weight: Tensor
+    offset: int  # first column of the layer's units in the measurement table
+
+
+@dataclass
+class Measurement:
+    """The result of one :meth:`BiasShiftProbe.measure` block.
+
+    ``tensors`` (``{layer: {quantity: (units,) tensor}}``) is filled when the block exits and
+    stays on the model's device; :meth:`host` moves everything to the CPU in one transfer
+    (cached), :meth:`frame` is a tidy table of it.
+    """
+
+    layers: list[str]
+    units: list[int]
+    quantities: tuple[str, ...]
+    settings: dict[str, Any]
+    values: Tensor | None = None  # (Q, U) float64 on the device
+    _flags: Tensor | None = None  # (U + 1,): singular units, then the non-finite flag
+    _host: Tensor | None = None
+    _host_np: Any = None
+    nonfinite: bool | None = None  # known after host()
+    _probe: BiasShiftProbe | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        """Whether the measured step has finished (the ``with`` block was left)."""
+        return self.values is not None
+
+    def _need(self) -> Tensor:
+        if self.values is None:
+            raise RuntimeError("BiasShiftProbe: the measurement is not complete; read it after "
+                               "the `with probe.measure() as m:` block has exited")
+        return self.values
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer: {quantity: (units,) tensor}}`` on the model's device (no host sync)."""
+        values = self._need()
+        out: dict[str, dict[str, Tensor]] = {}
+        start = 0
+        for name, u in zip(self.layers, self.units):
+            out[name] = {q: values[i, start:start + u] for i, q in enumerate(self.quantities)}
+            start += u
+        return out
+
+    def host(self) -> Tensor:
+        """Every value as a ``(quantities, units)`` float64 CPU tensor (units of all layers
+        concatenated): the measurement's one host transfer.
+
+        Raises:
+            SingularFisherError: a singular unit block (``damping=0``).
+        """
+        if self._host is None:
+            values = self._need()
+            assert self._flags is not None
+            # the one transfer; everything after it works on the host copy (numpy)
+            both = torch.cat([values.reshape(-1), self._flags.to(values.dtype)]).cpu().numpy()
+            Q, U = values.shape
+            self._host_np = both[: Q * U].reshape(Q, U)
+            self._host = torch.from_numpy(self._host_np)
+            flags = both[Q * U:]
+            self.nonfinite = bool(flags[-1] != 0)
+            bad = flags[:-1] != 0
+            if not self.nonfinite and bad.any():
+                self._raise_singular(bad)
+        return self._host
+
+    def _raise_singular(self, bad: Any) -> None:
+        import numpy as np
+
+        start = 0
+        for name, u in zip(self.layers, self.units):
+            units = [int(i) for i in np.flatnonzero(bad[start:start + u])]
+            if units:
+                shown = ", ".join(str(i) for i in units[:10]) + (" ..." if len(units) > 10
+                                                                 else "")
+                raise SingularFisherError(
+                    f"BiasShiftProbe: layer {name!r}: the unit Fisher block of {len(units)} "
+                    f"unit(s) (unit {shown}) is singular (not numerically positive definite), "
+                    f"damping {self.settings['damping']:g} ({self.settings['damping_mode']}). "
+                    "Pass damping > 0 (F + damping*I; damping_mode='relative' scales it by each "
+                    "block's mean diagonal, e.g. damping=1e-3), or use more probe samples than "
+                    "the block has rows.", units=units, layer=name)
+            start += u
+
+    def frame(self) -> pd.DataFrame:
+        """Tidy table ``layer, unit, quantity, value`` (the settings in ``.attrs``)."""
+        import numpy as np
+        import pandas as pd
+
+        self.host()
+        vals = self._host_np
+        Q, U = vals.shape
+        layer_of = np.repeat(np.asarray(self.layers, dtype=object), self.units)
+        unit_of = np.concatenate([np.arange(u) for u in self.units])
+        df = pd.DataFrame({
+            "layer": np.tile(layer_of, Q),
+            "unit": np.tile(unit_of, Q),
+            "quantity": np.repeat(np.asarray(self.quantities, dtype=object), U),
+            "value": vals.reshape(-1),
+        })
+        df.attrs.update(self.settings)
+        if self.nonfinite:
+            df.attrs["nonfinite"] = True
+        return df
+
+
+class BiasShiftProbe:
+    r"""Measures, on a fixed probe batch, the bias shift of an update and the gap between the
+    gradient and the unit natural gradient (see the module docstring for every quantity).
+
+    Args:
+        model: the model being trained (any module whose probe samples do not interact:
+            BatchNorm is used in eval mode, with its running statistics).
+        probe_inputs: the probe batch ``(M, ...)`` (moved to the model's device).
+        probe_targets: its targets (class indices ``(M,)`` for ``"categorical"``, a tensor of
+            the output's shape for ``"gaussian"``/``"bernoulli"``); only ``fisher="empirical"``
+            uses their values.
+        fisher: ``"exact"`` (default), ``"empirical"`` or ``"mc"``.
+        damping: ``λ ≥ 0`` (see ``damping_mode``).
+        damping_mode: ``"relative"`` (default: ``λ × mean diagonal of each unit's block``) or
+            ``"absolute"``.
+        layers: ``None`` (every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` with a bias; those
+            without one are skipped with a warning), names/modules, or a predicate.
+        likelihood: ``"categorical"`` (default), ``"gaussian"``, ``"bernoulli"`` or a
+            :class:`~biasshift.fisher.likelihood.Likelihood`.
+        mc_samples, seed: draws per input and the seed of the probe's own generator (``"mc"``).
+        dtype: computation dtype; default float32 (float64 for a float64 model).
+        condition: also compute ``cond_F`` (an eigendecomposition per unit: slow).
+        batch_size: probe samples per forward pass (default: the whole probe at once).
+        memory_budget: bytes for the largest temporary of a layer's solves (chunks of units).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_inputs: Tensor,
+        probe_targets: Tensor,
+        fisher: str = "exact",
+        damping: float = 1e-3,
+        damping_mode: str = "relative",
+        *,
+        layers: LayerSelection = None,
+        likelihood: str | Likelihood = "categorical",
+        mc_samples: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        condition: bool = False,
+        batch_size: int | None = None,
+        memory_budget: int = 2**28,
+        _owner: str = "BiasShiftProbe",
+    ) -> None:
+        who = self._who = _owner
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"{who}: fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"{who}: damping_mode must be one of {DAMPING_MODES}, got "
+                             f"{damping_mode!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
+                or not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"{who}: damping must be a finite number >= 0, got {damping!r}")
+        for name, val in (("mc_samples", mc_samples),) + (
+                (("batch_size", batch_size),) if batch_size is not None else ()):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{who}: {name} must be a positive int, got {val!r}")
+        if not isinstance(probe_inputs, Tensor) or not isinstance(probe_targets, Tensor):
+            raise TypeError(f"{who}: probe_inputs and probe_targets must be tensors, got "
+                            f"{type(probe_inputs).__name__} and {type(probe_targets).__name__}")
+        if probe_inputs.ndim < 1 or probe_inputs.shape[0] == 0:
+            raise ValueError(f"{who}: probe_inputs must be a non-empty batch (M, ...) with dim "
+                             f"0 = samples, got shape {tuple(probe_inputs.shape)}")
+        if probe_targets.ndim < 1 or probe_targets.shape[0] != probe_inputs.shape[0]:
+            raise ValueError(f"{who}: probe_targets has shape {tuple(probe_targets.shape)}; "
+                             f"it needs one target per probe input ({probe_inputs.shape[0]})")
+        if dtype is not None and (not isinstance(dtype, torch.dtype)
+                                  or not dtype.is_floating_point):
+            raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
+        self.model = model
+        self.fisher = fisher
+        self.damping = float(damping)
+        self.damping_mode = damping_mode
+        self.likelihood = make_likelihood(likelihood)
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
+        self.condition = bool(condition)
+        self.memory_budget = max(int(memory_budget), 1 << 20)
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        device = params[0].device if params else probe_inputs.device
+        if dtype is None:
+            dtype = torch.float64 if params and params[0].dtype == torch.float64 \
+                else torch.float32
+        self.dtype = dtype
+        self.device = device
+        self.probe_inputs = probe_inputs.to(device)
+        self.probe_targets = probe_targets.to(device)
+        M = self.probe_inputs.shape[0]
+        self.batch_size = batch_size or M
+        self.generator: torch.Generator | None = None
+        if fisher == "mc":
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self._resolve(layers)
+        self.quantities: tuple[str, ...] = QUANTITIES + (("cond_F",) if condition else ())
+        self._dry_run()
+
+    # ------------------------------------------------------------------------- set-up
+    def _resolve(self, selection: LayerSelection) -> None:
+        who = self._who
+        specs = resolve_layers(self.model, selection)
+        no_bias = [n for n, s in specs.items() if not s.has_bias]
+        if no_bias:
+            if selection is not None and not callable(selection):
+                raise ValueError(
+                    f"{who}: layer(s) {', '.join(no_bias)} have no bias; the bias shift and "
+                    "Theorems 1-2 need one. Leave them out of layers=[...]")
+            warnings.warn(f"{who}: layers without bias have no bias shift and are not "
+                          f"tracked: {', '.join(no_bias)}", stacklevel=4)
+        specs = {n: s for n, s in specs.items() if s.has_bias}
+        if not specs:
+            raise ValueError(f"{who}: the model has no nn.Linear/nn.Conv2d layer with a bias to "
+                             "track")
+        frozen = [n for n, s in specs.items()
+                  if not (s.module.weight.requires_grad and s.module.bias.requires_grad)]
+        if frozen:
+            raise ValueError(
+                f"{who}: layer(s) {', '.join(frozen)} have parameters that do not require grad "
+                "(frozen); they get no update to track. Leave them out of layers=[...]")
+        self.specs = specs
+        self.layers = list(specs)
+        self.units = [s.units for s in specs.values()]
+        self._layers: dict[str, _Layer] = {}
+        offset = 0
+        for n, s in specs.items():
+            self._layers[n] = _Layer(s, s.module.bias, s.module.weight, offset)
+            offset += s.units
+
+    def _dry_run(self) -> None:
+        """One probe pass without grad: every layer is called once per forward, with the
+        probe's batch, and the targets fit the output."""
+        who = self._who
+        calls: dict[str, int] = dict.fromkeys(self.layers, 0)
+
+        def count(name: str, _m: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
+            calls[name] += 1
+            if not isinstance(out, Tensor):
+                raise TypeError(f"{who}: layer {name!r} returned {type(out).__name__}, not a "
+                                "tensor")
+
+        M = self.probe_inputs.shape[0]
+        self._targets: list[Tensor] = []
+        with torch.no_grad(), eval_mode(self.model), Trace(self.model_layers(), forward=count):
+            for start in range(0, M, self.batch_size):
+                chunk = self.probe_inputs[start:start + self.batch_size]
+                calls.update(dict.fromkeys(self.layers, 0))
+                out = self.model(chunk)
+                self._check_dry(calls, chunk, out)
+                # the targets as the likelihood reads them (checked once, here)
+                self._targets.append(self.likelihood.validate(
+                    out, self.probe_targets[start:start + self.batch_size]))
+
+    def _check_dry(self, calls: dict[str, int], chunk: Tensor, out: Any) -> None:
+        who = self._who
+        for n, c in calls.items():
+            if c != 1:
+                what = "not called" if c == 0 else f"called {c} times"
+                raise RuntimeError(
+                    f"{who}: layer {n!r} was {what} in one forward pass of the probe; track "
+                    "layers that are used exactly once (layers=[...])")
+        if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != chunk.shape[0]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{who}: the model's output on a probe batch of shape {tuple(chunk.shape)} is "
+                f"{got}; expected dim 0 = {chunk.shape[0]} samples")
+
+    def model_layers(self) -> dict[str, nn.Module]:
+        """``{name: module}`` of the tracked layers."""
+        return {n: s.module for n, s in self.specs.items()}
+
+    def settings(self) -> dict[str, Any]:
+        """The probe's settings (for ``frame().attrs`` and provenance)."""
+        return {"fisher": self.fisher, "damping": self.damping,
+                "damping_mode": self.damping_mode, "probe_size": int(self.probe_inputs.shape[0]),
+                "likelihood": self.likelihood.name, "dtype": str(self.dtype).replace("torch.", ""),
+                "condition": self.condition, "layers": list(self.layers)}
+
+    # ------------------------------------------------------------------------- measuring
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Measure the update made inside the block (see the module docstring).
+
+        On entry: reads every tracked layer's ``.grad`` and parameters, and evaluates the probe
+        (forward and Fisher backward passes).  On exit: the parameter change and the probe's
+        mean net inputs after the update.  Nothing synchronises with the host.
+        """
+        m = Measurement(list(self.layers), list(self.units), self.quantities, self.settings(),
+                        _probe=self)
+        grads = self._read_grads()
+        before = {n: (L.bias.detach().clone(), L.weight.detach().clone())
+                  for n, L in self._layers.items()}
+        state = self._evaluate(grads)
+        yield m
+        net_after = self._mean_net()
+        rows = state["rows"]
+        first, measured = [], []
+        for n, L in self._layers.items():
+            b0, w0 = before[n]
+            u = L.spec.units
+            db = (L.bias.detach().to(torch.float64) - b0.to(torch.float64)).reshape(u)
+            dw = (L.weight.detach().to(torch.float64) - w0.to(torch.float64)).reshape(u, -1)
+            first.append(db + _dot(state["E_p_a"][n].to(torch.float64), dw))
+            measured.append(net_after[n] - state["net"][n])
+        rows["step_bias_shift_first_order"] = torch.cat(first)
+        rows["step_bias_shift_measured"] = torch.cat(measured)
+        m.values = torch.stack([rows[q].to(torch.float64) for q in self.quantities])
+        m._flags = state["flags"]
+
+    def _read_grads(self) -> dict[str, Tensor]:
+        grads = {}
+        for n, L in self._layers.items():
+            b, w = L.bias, L.weight
+            if b.grad is None or w.grad is None:
+                raise RuntimeError(
+                    f"{self._who}: layer {n!r} has no gradient (p.grad is None): call "
+                    "loss.backward() before `with probe.measure()`; does the loss depend on "
+                    "the layer? Leave it out of layers=[...]")
+            u = w.shape[0]
+            grads[n] = torch.cat([b.grad.detach().reshape(u, 1).to(self.dtype),
+                                  w.grad.detach().reshape(u, -1).to(self.dtype)], dim=1)
+        return grads
+
+    def _mean_net(self) -> dict[str, Tensor]:
+        """Each unit's mean net input on the probe (float64), no grad, eval mode."""
+        sums: dict[str, Tensor] = {}
+        counts = dict.fromkeys(self.layers, 0)
+
+        def hook(name: str, _m: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
+            v = delta_rows(self.specs[name], out.detach())
+            s = v.sum((0, 1), dtype=torch.float64)
+            sums[name] = s if name not in sums else sums[name] + s
+            counts[name] += v.shape[0] * v.shape[1]
+
+        with torch.no_grad(), eval_mode(self.model), Trace(self.model_layers(), forward=hook):
+            for start in range(0, self.probe_inputs.shape[0], self.batch_size):
+                self.model(self.probe_inputs[start:start + self.batch_size])
+        return {n: sums[n] / counts[n] for n in self.layers}
+
+    def _probe_pass(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Forward + Fisher backward passes over the probe: per layer the incoming rows
+        ``X (P, groups, n1)``, the weights ``w = Σ_r δ_r² (P, units)`` and the mean net input
+        before the update."""
+        dtype = self.dtype
+        Xs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
+        Ws: dict[str, list[Tensor]] = {n: [] for n in self.layers}
+        sums: dict[str, Tensor] = {}
+        count = 0
+        edges: dict[str, Any] = {}
+        for i_chunk, start in enumerate(range(0, self.probe_inputs.shape[0], self.batch_size)):
+            x = self.probe_inputs[start:start + self.batch_size]
+            tt = self._targets[i_chunk]
+            edges.clear()
+
+            def hook(name: str, _m: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
+                spec = self.specs[name]
+                X = incoming(spec, inputs[0], dtype)  # (N, groups, L, n1): a copy
+                Xs[name].append(X.transpose(1, 2).reshape(-1, spec.groups, spec.n1))
+                v = delta_rows(spec, out.detach())
+                s = v.sum((0, 1), dtype=torch.float64)
+                sums[name] = s if name not in sums else sums[name] + s
+                if out.requires_grad:
+                    edges[name] = get_gradient_edge(out)
+                    return None
+                leaf = out.detach().requires_grad_()  # frozen upstream: differentiate here
+                edges[name] = leaf
+                return leaf.clone()
+
+            with torch.enable_grad(), Trace(self.model_layers(), forward=hook):
+                out = self.model(x)
+                _, reps = score_vectors(self.likelihood, self.fisher, out, tt,
+                                        mc_samples=self.mc_samples, generator=self.generator)
+                if reps is None:  # empirical: the given targets' score
+                    reps = self.likelihood.score(out, tt).unsqueeze(0)
+                edge_list = [edges[n] for n in self.layers]
+                R = reps.shape[0]
+                w: list[Tensor | None] = [None] * len(self.layers)
+                for r in range(R):
+                    grads = torch.autograd.grad(out, edge_list, grad_outputs=reps[r].to(out.dtype),
+                                                retain_graph=r < R - 1, allow_unused=True)
+                    for i, (n, gr) in enumerate(zip(self.layers, grads)):
+                        if gr is None:
+                            raise RuntimeError(f"{self._who}: layer {n!r} does not influence "
+                                               "the model's output; leave it out (layers=[...])")
+                        d2 = delta_rows(self.specs[n], gr).to(dtype).square()
+                        w[i] = d2 if w[i] is None else w[i].add_(d2)
+            for i, n in enumerate(self.layers):
+                wi = w[i]
+                assert wi is not None
+                Ws[n].append(wi.reshape(-1, wi.shape[-1]))
+            count += x.shape[0]
+        Xc = {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in Xs.items()}
+        Wc = {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in Ws.items()}
+        nets = {n: sums[n] / (Xc[n].shape[0]) for n in self.layers}
+        return Xc, Wc, nets
+
+    def _evaluate(self, grads: dict[str, Tensor]) -> dict[str, Any]:
+        with eval_mode(self.model):
+            X, W, nets = self._probe_pass()
+        finite = torch.stack([torch.isfinite(X[n].sum()) & torch.isfinite(W[n].sum())
+                              for n in self.layers]).all()
+        rows: dict[str, list[Tensor]] = {q: [] for q in self.quantities}
+        E_p: dict[str, Tensor] = {}
+        bads = []
+        for n in self.layers:
+            Xn = torch.nan_to_num(X[n], nan=0.0, posinf=0.0, neginf=0.0)
+            Wn = torch.nan_to_num(W[n], nan=0.0, posinf=0.0, neginf=0.0)
+            res, E_p_a, bad = self._layer(self.specs[n], Xn, Wn, grads[n])
+            E_p[n] = E_p_a
+            bads.append(bad)
+            res["mean_net"] = nets[n]
+            for q in self.quantities:
+                if q in res:
+                    rows[q].append(res[q])
+        cat = {q: torch.cat(v) for q, v in rows.items() if v}
+        nan = torch.tensor(float("nan"), dtype=self.dtype, device=self.device)
+        bad_all = torch.cat(bads)
+        for q in self.quantities:
+            if q in cat and q not in _MEASURED:
+                masked = torch.where(bad_all, nan, cat[q]) if q != "damping" else cat[q]
+                cat[q] = torch.where(finite, masked, nan)
+        flags = torch.cat([bad_all, (~finite).unsqueeze(0)])
+        return {"rows": cat, "E_p_a": E_p, "net": nets, "flags": flags}
+
+    # ------------------------------------------------------------------------- one layer
+    def _layer(self, spec: LayerSpec, X: Tensor, w: Tensor, grad: Tensor
+               ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Every Fisher quantity of one layer's units (see the module docstring)."""
+        P = X.shape[0]
+        n = spec.n
+        n1 = spec.n1
+        upg = spec.units_per_group
+        W = (w / P).T.contiguous()  # (units, P): E_pairs weights
+        out: dict[str, list[Tensor]] = {}
+        E_p_units, bads = [], []
+        # the damping scale of each unit: its block's mean diagonal
+        sq = X.square().sum(-1)  # (P, groups)
+        trace = torch.cat([W[j * upg:(j + 1) * upg] @ sq[:, j] for j in range(spec.groups)])
+        scale = trace / n1
+        if self.damping_mode == "relative":
+            fallback = scale.mean().expand_as(scale)
+            lam = self.damping * torch.where(scale > 0, scale, fallback)
+        else:
+            lam = torch.full_like(scale, self.damping)
+        woodbury = P < n and self.damping > 0
+        for j in range(spec.groups):
+            sl = slice(j * upg, (j + 1) * upg)
+            Xa = X[:, j, 1:]
+            Wj, g, lj = W[sl], grad[sl], lam[sl]
+            B = Wj.shape[0]
+            E_p_a = Xa.mean(0)
+            E_rep = E_p_a.expand(B, n)
+            c = Wj.sum(-1)
+            b = Wj @ Xa
+            if woodbury:
+                res = self._woodbury(Xa, Wj, c, b, g, E_rep, lj)
+            else:
+                res = self._cholesky(Xa, Wj, c, b, g, E_rep, lj)
+            bads.append(res.pop("_bad"))
+            res["mean_scale_p"] = self._mean_scale_p(Xa, E_p_a, woodbury).expand(B)
+            res["E_p_delta2"] = c
+            res["norm_E_p_a"] = E_rep.norm(dim=-1)
+            res["norm_E_q_a"] = (b / c.unsqueeze(-1)).norm(dim=-1)
+            res["damping"] = lj
+            res["grad_norm"] = g.norm(dim=-1)
+            for k, v in res.items():
+                out.setdefault(k, []).append(v)
+            E_p_units.append(E_rep)
+        cat = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+        E = torch.cat(E_p_units) if len(E_p_units) > 1 else E_p_units[0]
+        bad = torch.cat(bads) if len(bads) > 1 else bads[0]
+        return cat, E, bad
+
+    def _theorems(self, c: Tensor, b: Tensor, solve: Callable[[Tensor], Tensor], g: Tensor,
+                  E_p_a: Tensor, lam: Tensor, bad: Tensor) -> dict[str, Tensor]:
+        q = unit_quantities(c + lam, b, solve, g, E_p_a, bad=bad)
+        assert q.k is not None and q.bias_shift_sgd is not None
+        assert q.bias_shift_natural is not None and q.bias_shift_uncorrected is not None
+        assert q.mean_term is not None and q.bias_term is not None
+        return {"s": q.s, "k": q.k, "cos_grad_ng": q.cosine,
+                "cos_ng_uncorrected": _cos(q.natural, q.uncorrected),
+                "bias_shift_sgd": q.bias_shift_sgd, "bias_shift_ng": q.bias_shift_natural,
+                "bias_shift_ng_uncorrected": q.bias_shift_uncorrected,
+                "ng_mean_term": q.mean_term, "ng_bias_term": q.bias_term, "_bad": q.bad}
+
+    def _cholesky(self, Xa: Tensor, W: Tensor, c: Tensor, b: Tensor, g: Tensor, E_p_a: Tensor,
+                  lam: Tensor) -> dict[str, Tensor]:
+        n = Xa.shape[1]
+        itemsize = Xa.element_size()
+        B = W.shape[0]
+        chunk = max(1, min(B, self.memory_budget // max(1, 4 * n * n * itemsize)))
+        parts: dict[str, list[Tensor]] = {}
+        eye = torch.eye(n, dtype=Xa.dtype, device=Xa.device)
+        for u0 in range(0, B, chunk):
+            s = slice(u0, u0 + chunk)
+            A = _packed_gram(Xa, W[s], self.memory_budget)
+            # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
+            und = _CholeskySolve(A)
+            y0 = und(b[s].unsqueeze(-1)).squeeze(-1)
+            qf = _dot(b[s], y0) / c[s]  # E_qᵀE_q(aaᵀ)⁻¹E_q = q/(1+q) with q = mean_scale_q
+            ok = ~und.bad & (1 - qf > n * torch.finfo(Xa.dtype).eps)
+            nan = torch.full_like(qf, float("nan"))
+            k0 = torch.where(ok, (1 - _dot(E_p_a[s], y0)) / (1 - qf), nan)
+            msq = torch.where(ok, qf / (1 - qf), nan)
+            Ad = A + lam[s, None, None] * eye
+            sol = _CholeskySolve(Ad)
+            res = self._theorems(c[s], b[s], sol, g[s], E_p_a[s], lam[s], sol.bad)
+            res["k_undamped"] = k0
+            res["mean_scale_q"] = msq
+            if self.condition:
+                F = Ad.new_empty(Ad.shape[0], n + 1, n + 1)
+                F[:, 0, 0] = c[s] + lam[s]
+                F[:, 0, 1:] = b[s]
+                F[:, 1:, 0] = b[s]
+                F[:, 1:, 1:] = Ad
+                eig = torch.linalg.eigvalsh(F)
+                res["cond_F"] = eig[:, -1] / eig[:, 0]
+            for k, v in res.items():
+                parts.setdefault(k, []).append(v)
+            del A, Ad
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+
+    def _woodbury(self, Xa: Tensor, W: Tensor, c: Tensor, b: Tensor, g: Tensor, E_p_a: Tensor,
+                  lam: Tensor) -> dict[str, Tensor]:
+        P = Xa.shape[0]
+        K = Xa @ Xa.T
+        d = W.clamp_min(0).sqrt()
+        B = W.shape[0]
+        chunk = max(1, min(B, self.memory_budget // max(1, 3 * P * P * Xa.element_size())))
+        parts: dict[str, list[Tensor]] = {}
+        for u0 in range(0, B, chunk):
+            s = slice(u0, u0 + chunk)
+            sol = _WoodburySolve(Xa, K, d[s], lam[s])
+            res = self._theorems(c[s], b[s], sol, g[s], E_p_a[s], lam[s], sol.bad)
+            nan = torch.full_like(c[s], float("nan"))
+            res["k_undamped"] = nan  # rank(A) <= P < n: the undamped block is singular
+            res["mean_scale_q"] = nan
+            if self.condition:
+                Kt = K + 1
+                mu = torch.linalg.eigvalsh(d[s].unsqueeze(-1) * Kt * d[s].unsqueeze(-2))[:, -1]
+                res["cond_F"] = (lam[s] + mu) / lam[s]
+            for k, v in res.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+
+    @staticmethod
+    def _mean_scale_p(Xa: Tensor, E_p_a: Tensor, rank_deficient: bool) -> Tensor:
+        """``E_p(a)ᵀ Var_p(a)⁻¹ E_p(a)`` (0-dim; NaN where ``Var_p(a)`` is singular)."""
+        if rank_deficient:
+            return torch.full((), float("nan"), dtype=Xa.dtype, device=Xa.device)
+        Xc = Xa - E_p_a
+        V = (Xc.T @ Xc / Xa.shape[0]).unsqueeze(0)
+        sol = _CholeskySolve(V)
+        val = _dot(E_p_a, sol(E_p_a.reshape(1, -1, 1)).reshape(-1))
+        return torch.where(sol.bad[0], torch.full_like(val, float("nan")), val)
