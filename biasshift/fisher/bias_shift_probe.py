@@ -119,7 +119,7 @@ from torch.autograd.graph import get_gradient_edge
 from biasshift.fisher.capture import LayerSelection, LayerSpec, delta_rows, incoming, resolve_layers
 from biasshift.fisher.likelihood import FISHER_KINDS, Likelihood, make_likelihood, score_vectors
 from biasshift.hooks import Trace, eval_mode
-from biasshift.theory import SingularFisherError, unit_quantities
+from biasshift.theory import SingularFisherError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -163,53 +163,53 @@ class _CholeskySolve:
 
     def __init__(self, A: Tensor) -> None:
         self.L, info = torch.linalg.cholesky_ex(A)
+        # the results of flagged units are replaced by NaN by the caller
         self.bad = _bad_pivots(A, self.L, info)
-        # keep the flagged factors finite (their results are masked later)
-        self.L = torch.where(self.bad[:, None, None],
-                             torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), self.L)
 
     def __call__(self, rhs: Tensor) -> Tensor:
         return torch.cholesky_solve(rhs, self.L)
 
 
-class _WoodburySolve:
-    r"""``(λI + UᵀU)⁻¹ v = (v − Uᵀ(λI_P + UUᵀ)⁻¹Uv)/λ`` with ``U = diag(d) X`` and a per-unit
-    ``λ``; ``UUᵀ = diag(d) K diag(d)`` from the shared ``K = XXᵀ``."""
+class _CenteredWoodbury:
+    r"""``M⁻¹ r`` for ``M = λI + ŨᵀŨ``, ``Ũ = diag(d)(X̃ − 1Ẽᵀ)`` (per-unit centred rows), in
+    sample space: ``M⁻¹r = (r − Ũᵀ(λI_P + ŨŨᵀ)⁻¹Ũr)/λ``, with
+    ``ŨŨᵀ = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d)``, ``K = X̃X̃ᵀ`` shared, ``v = X̃Ẽ``."""
 
-    def __init__(self, X: Tensor, K: Tensor, d: Tensor, lam: Tensor) -> None:
-        self.X, self.d, self.lam = X, d, lam
-        C = d.unsqueeze(-1) * K * d.unsqueeze(-2)
+    def __init__(self, X: Tensor, K: Tensor, d: Tensor, Et: Tensor, lam: Tensor) -> None:
+        self.X, self.d, self.Et, self.lam = X, d, Et, lam
+        v = Et @ X.T  # (B, P)
+        Ku = K - v.unsqueeze(-1) - v.unsqueeze(-2)
+        Ku += _dot(Et, Et)[:, None, None]
+        C = d.unsqueeze(-1) * Ku * d.unsqueeze(-2)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
         self.L, info = torch.linalg.cholesky_ex(C)
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
-        T = torch.matmul(self.X, rhs) * self.d.unsqueeze(-1)  # (B, P, r)
-        Z = torch.cholesky_solve(T, self.L)
-        return (rhs - torch.matmul(self.X.T, Z * self.d.unsqueeze(-1))) / self.lam[:, None, None]
+        d = self.d.unsqueeze(-1)
+        T = (torch.matmul(self.X, rhs) - torch.matmul(self.Et.unsqueeze(1), rhs)) * d
+        Z = torch.cholesky_solve(T, self.L) * d  # (B, P, r)
+        back = torch.matmul(self.X.T, Z) - self.Et.unsqueeze(-1) * Z.sum(1, keepdim=True)
+        return (rhs - back) / self.lam[:, None, None]
 
 
 def _packed_gram(X: Tensor, W: Tensor, budget: int) -> Tensor:
     r"""``A_u = Σ_p W_up x_p x_pᵀ`` for all units at once: ``(B, n, n)``.
 
-    One GEMM ``W @ Z`` with ``Z_p = (x_pi x_pj)_{i≤j}`` the packed upper triangle of the rows'
-    outer products (shared by all units), in row chunks of at most ``budget`` bytes.
+    One GEMM ``W @ Z`` with ``Z_p = x_p ⊗ x_p`` the rows' outer products (shared by all units),
+    in row chunks of at most ``budget`` bytes.  (Packing the upper triangle halves the flops
+    but its gather and scatter cost more than they save on CPUs.)
     """
     P, n = X.shape
-    iu = torch.triu_indices(n, n, device=X.device)
-    T = iu.shape[1]
-    rows = max(1, min(P, budget // max(1, T * X.element_size())))
-    packed: Tensor | None = None
+    rows = max(1, min(P, budget // max(1, n * n * X.element_size())))
+    out: Tensor | None = None
     for r0 in range(0, P, rows):
         Xr = X[r0:r0 + rows]
-        Z = Xr[:, iu[0]] * Xr[:, iu[1]]
+        Z = (Xr.unsqueeze(-1) * Xr.unsqueeze(-2)).reshape(Xr.shape[0], n * n)
         part = W[:, r0:r0 + rows] @ Z
-        packed = part if packed is None else packed.add_(part)
-    assert packed is not None
-    A = X.new_empty(W.shape[0], n, n)
-    A[:, iu[0], iu[1]] = packed
-    A[:, iu[1], iu[0]] = packed
-    return A
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out.reshape(W.shape[0], n, n)
 
 
 @dataclass
@@ -675,108 +675,143 @@ class BiasShiftProbe:
             Xa = X[:, j, 1:]
             Wj, g, lj = W[sl], grad[sl], lam[sl]
             B = Wj.shape[0]
-            E_p_a = Xa.mean(0)
-            E_rep = E_p_a.expand(B, n)
+            mu = Xa.mean(0)  # E_p(a), shared by the group's units
+            Xc = Xa - mu  # centred rows: the covariances below lose no digits to the mean
             c = Wj.sum(-1)
-            b = Wj @ Xa
+            # Ẽ = E_q(a) − E_p(a) (0 for a unit with δ ≡ 0, whose E_q(a) is undefined)
+            Et = torch.where(c.unsqueeze(-1) > 0, (Wj @ Xc) / c.unsqueeze(-1),
+                             torch.zeros((), dtype=Xa.dtype, device=Xa.device))
             if woodbury:
-                res = self._woodbury(Xa, Wj, c, b, g, E_rep, lj)
+                res = self._woodbury(Xa, Xc, Wj, c, Et, mu, g, lj)
             else:
-                res = self._cholesky(Xa, Wj, c, b, g, E_rep, lj)
+                res = self._cholesky(Xc, Wj, c, Et, mu, g, lj)
             bads.append(res.pop("_bad"))
-            res["mean_scale_p"] = self._mean_scale_p(Xa, E_p_a, woodbury).expand(B)
+            res["mean_scale_p"] = self._mean_scale_p(Xc, mu, woodbury).expand(B)
             res["E_p_delta2"] = c
-            res["norm_E_p_a"] = E_rep.norm(dim=-1)
-            res["norm_E_q_a"] = (b / c.unsqueeze(-1)).norm(dim=-1)
+            res["norm_E_p_a"] = mu.norm().expand(B)
+            res["norm_E_q_a"] = ((Wj @ Xa) / c.unsqueeze(-1)).norm(dim=-1)
             res["damping"] = lj
             res["grad_norm"] = g.norm(dim=-1)
             for k, v in res.items():
                 out.setdefault(k, []).append(v)
-            E_p_units.append(E_rep)
+            E_p_units.append(mu.expand(B, n))
         cat = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
         E = torch.cat(E_p_units) if len(E_p_units) > 1 else E_p_units[0]
         bad = torch.cat(bads) if len(bads) > 1 else bads[0]
         return cat, E, bad
 
-    def _theorems(self, c: Tensor, b: Tensor, solve: Callable[[Tensor], Tensor], g: Tensor,
-                  E_p_a: Tensor, lam: Tensor, bad: Tensor) -> dict[str, Tensor]:
-        q = unit_quantities(c + lam, b, solve, g, E_p_a, bad=bad)
-        assert q.k is not None and q.bias_shift_sgd is not None
-        assert q.bias_shift_natural is not None and q.bias_shift_uncorrected is not None
-        assert q.mean_term is not None and q.bias_term is not None
-        return {"s": q.s, "k": q.k, "cos_grad_ng": q.cosine,
-                "cos_ng_uncorrected": _cos(q.natural, q.uncorrected),
-                "bias_shift_sgd": q.bias_shift_sgd, "bias_shift_ng": q.bias_shift_natural,
-                "bias_shift_ng_uncorrected": q.bias_shift_uncorrected,
-                "ng_mean_term": q.mean_term, "ng_bias_term": q.bias_term, "_bad": q.bad}
+    @staticmethod
+    def _theorems(c: Tensor, lam: Tensor, Et: Tensor, mu: Tensor, g: Tensor,
+                  solve_M: Callable[[Tensor], Tensor], bad: Tensor) -> dict[str, Tensor]:
+        r"""Theorems 1 and 2 from one solve with the centred, damped block.
 
-    def _cholesky(self, Xa: Tensor, W: Tensor, c: Tensor, b: Tensor, g: Tensor, E_p_a: Tensor,
+        With ``E = E_q(a)`` (undamped), ``M = c·Var_q(a) + λI`` and ``A + λI = M + c E Eᵀ``
+        (Sherman–Morrison), ``z = M⁻¹E``, ``y = M⁻¹g`` and ``m = c Eᵀz``::
+
+            (A+λI)⁻¹b = c z / (1+m),   (A+λI)⁻¹g = y − c (Eᵀy) z / (1+m),
+            c + λ − bᵀ(A+λI)⁻¹b = λ + c / (1+m)             (= 1/s, no cancellation),
+            k = (c+λ)(1 + c Ẽᵀz) / (λ(1+m) + c),   Ẽ = E_q(a) − E_p(a),
+
+        which are Theorem 1's ``s``, ``Δw₀ = s(g₀ − bᵀ(A+λI)⁻¹g)``, ``Δw = (A+λI)⁻¹(g − Δw₀b)``
+        and Theorem 2's ``k = s(c+λ)(1 − E_p(a)ᵀ(A+λI)⁻¹b)`` rewritten so that the large
+        incoming means of deep layers do not cancel in float32.
+        """
+        E = mu + Et
+        g0, gv = g[:, 0], g[:, 1:]
+        Y = solve_M(torch.stack([gv, E], dim=-1))
+        y, z = Y[..., 0], Y[..., 1]
+        m = c * _dot(E, z)
+        opm = 1 + m
+        cp = c + lam
+        yg = y - (c * _dot(E, y) / opm).unsqueeze(-1) * z  # (A+λI)⁻¹g
+        yb = (c / opm).unsqueeze(-1) * z  # (A+λI)⁻¹b
+        schur = lam + c / opm
+        s = 1.0 / schur
+        b = c.unsqueeze(-1) * E
+        dw0 = s * (g0 - _dot(b, yg))
+        dw = yg - dw0.unsqueeze(-1) * yb
+        natural = torch.cat([dw0.unsqueeze(-1), dw], dim=-1)
+        uncorrected = torch.cat([(g0 / cp).unsqueeze(-1), yg], dim=-1)
+        k = cp * (1 + c * _dot(Et, z)) / (lam * opm + c)
+        Eq_damped = b / cp.unsqueeze(-1)
+        E_p = mu.expand_as(gv)
+        bad = bad | ~(schur > 0) | ~torch.isfinite(schur)
+        return {"s": s, "k": k, "cos_grad_ng": _cos(g, natural),
+                "cos_ng_uncorrected": _cos(natural, uncorrected),
+                "bias_shift_sgd": g0 + _dot(E_p, gv), "bias_shift_ng": dw0 + _dot(E_p, dw),
+                "bias_shift_ng_uncorrected": g0 / cp + _dot(E_p, yg),
+                "ng_mean_term": _dot(E_p - k.unsqueeze(-1) * Eq_damped, yg),
+                "ng_bias_term": k * g0 / cp, "_bad": bad}
+
+    def _cholesky(self, Xc: Tensor, W: Tensor, c: Tensor, Et: Tensor, mu: Tensor, g: Tensor,
                   lam: Tensor) -> dict[str, Tensor]:
-        n = Xa.shape[1]
-        itemsize = Xa.element_size()
+        n = Xc.shape[1]
         B = W.shape[0]
-        chunk = max(1, min(B, self.memory_budget // max(1, 4 * n * n * itemsize)))
+        chunk = max(1, min(B, self.memory_budget // max(1, 4 * n * n * Xc.element_size())))
         parts: dict[str, list[Tensor]] = {}
-        eye = torch.eye(n, dtype=Xa.dtype, device=Xa.device)
+        eye = torch.eye(n, dtype=Xc.dtype, device=Xc.device)
+        nan = torch.tensor(float("nan"), dtype=Xc.dtype, device=Xc.device)
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
-            A = _packed_gram(Xa, W[s], self.memory_budget)
+            e = Et[s]
+            # M₀ = c·Var_q(a) = Σ_p W_p (a_p − E_q)(a_p − E_q)ᵀ from the centred rows
+            M0 = _packed_gram(Xc, W[s], self.memory_budget)
+            M0 -= c[s, None, None] * e.unsqueeze(-1) * e.unsqueeze(-2)
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
-            und = _CholeskySolve(A)
-            y0 = und(b[s].unsqueeze(-1)).squeeze(-1)
-            qf = _dot(b[s], y0) / c[s]  # E_qᵀE_q(aaᵀ)⁻¹E_q = q/(1+q) with q = mean_scale_q
-            ok = ~und.bad & (1 - qf > n * torch.finfo(Xa.dtype).eps)
-            nan = torch.full_like(qf, float("nan"))
-            k0 = torch.where(ok, (1 - _dot(E_p_a[s], y0)) / (1 - qf), nan)
-            msq = torch.where(ok, qf / (1 - qf), nan)
-            Ad = A + lam[s, None, None] * eye
-            sol = _CholeskySolve(Ad)
-            res = self._theorems(c[s], b[s], sol, g[s], E_p_a[s], lam[s], sol.bad)
+            und = _CholeskySolve(M0)
+            E = mu + e
+            z0 = und(E.unsqueeze(-1)).squeeze(-1)
+            msq = torch.where(und.bad, nan, c[s] * _dot(E, z0))
+            k0 = torch.where(und.bad, nan, 1 + c[s] * _dot(e, z0))
+            Md = M0 + lam[s, None, None] * eye
+            sol = _CholeskySolve(Md)
+            res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad)
             res["k_undamped"] = k0
             res["mean_scale_q"] = msq
             if self.condition:
-                F = Ad.new_empty(Ad.shape[0], n + 1, n + 1)
+                cE = c[s].unsqueeze(-1) * E
+                F = Md.new_empty(Md.shape[0], n + 1, n + 1)
                 F[:, 0, 0] = c[s] + lam[s]
-                F[:, 0, 1:] = b[s]
-                F[:, 1:, 0] = b[s]
-                F[:, 1:, 1:] = Ad
+                F[:, 0, 1:] = cE
+                F[:, 1:, 0] = cE
+                F[:, 1:, 1:] = Md + cE.unsqueeze(-1) * E.unsqueeze(-2)
                 eig = torch.linalg.eigvalsh(F)
                 res["cond_F"] = eig[:, -1] / eig[:, 0]
             for k, v in res.items():
                 parts.setdefault(k, []).append(v)
-            del A, Ad
+            del M0, Md
         return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
-    def _woodbury(self, Xa: Tensor, W: Tensor, c: Tensor, b: Tensor, g: Tensor, E_p_a: Tensor,
-                  lam: Tensor) -> dict[str, Tensor]:
-        P = Xa.shape[0]
-        K = Xa @ Xa.T
+    def _woodbury(self, Xa: Tensor, Xc: Tensor, W: Tensor, c: Tensor, Et: Tensor, mu: Tensor,
+                  g: Tensor, lam: Tensor) -> dict[str, Tensor]:
+        P = Xc.shape[0]
+        K = Xc @ Xc.T  # shared by the group's units
         d = W.clamp_min(0).sqrt()
         B = W.shape[0]
-        chunk = max(1, min(B, self.memory_budget // max(1, 3 * P * P * Xa.element_size())))
+        chunk = max(1, min(B, self.memory_budget // max(1, 4 * P * P * Xc.element_size())))
         parts: dict[str, list[Tensor]] = {}
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
-            sol = _WoodburySolve(Xa, K, d[s], lam[s])
-            res = self._theorems(c[s], b[s], sol, g[s], E_p_a[s], lam[s], sol.bad)
+            sol = _CenteredWoodbury(Xc, K, d[s], Et[s], lam[s])
+            res = self._theorems(c[s], lam[s], Et[s], mu, g[s], sol, sol.bad)
             nan = torch.full_like(c[s], float("nan"))
             res["k_undamped"] = nan  # rank(A) <= P < n: the undamped block is singular
             res["mean_scale_q"] = nan
             if self.condition:
-                Kt = K + 1
-                mu = torch.linalg.eigvalsh(d[s].unsqueeze(-1) * Kt * d[s].unsqueeze(-2))[:, -1]
-                res["cond_F"] = (lam[s] + mu) / lam[s]
+                Kt = Xa @ Xa.T + 1
+                mu_max = torch.linalg.eigvalsh(d[s].unsqueeze(-1) * Kt * d[s].unsqueeze(-2))
+                res["cond_F"] = (lam[s] + mu_max[:, -1]) / lam[s]
             for k, v in res.items():
                 parts.setdefault(k, []).append(v)
         return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
     @staticmethod
-    def _mean_scale_p(Xa: Tensor, E_p_a: Tensor, rank_deficient: bool) -> Tensor:
-        """``E_p(a)ᵀ Var_p(a)⁻¹ E_p(a)`` (0-dim; NaN where ``Var_p(a)`` is singular)."""
+    def _mean_scale_p(Xc: Tensor, mu: Tensor, rank_deficient: bool) -> Tensor:
+        """``E_p(a)ᵀ Var_p(a)⁻¹ E_p(a)`` from the centred rows (0-dim; NaN where ``Var_p(a)``
+        is singular, always when there are fewer pairs than inputs)."""
         if rank_deficient:
-            return torch.full((), float("nan"), dtype=Xa.dtype, device=Xa.device)
-        Xc = Xa - E_p_a
-        V = (Xc.T @ Xc / Xa.shape[0]).unsqueeze(0)
+            return torch.full((), float("nan"), dtype=Xc.dtype, device=Xc.device)
+        V = (Xc.T @ Xc / Xc.shape[0]).unsqueeze(0)
         sol = _CholeskySolve(V)
-        val = _dot(E_p_a, sol(E_p_a.reshape(1, -1, 1)).reshape(-1))
+        val = _dot(mu, sol(mu.reshape(1, -1, 1)).reshape(-1))
         return torch.where(sol.bad[0], torch.full_like(val, float("nan")), val)
