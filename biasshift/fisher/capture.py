@@ -13,7 +13,8 @@ For every tracked layer one forward pass records
   - ``nn.Linear`` on ``(N, F)``: ``L = 1``; on ``(N, *, F)`` the extra dimensions are flattened
     into ``L`` positions (treated exactly like conv positions);
   - ``nn.Conv2d`` (and ``nn.Conv1d``, as a 2-d convolution of height 1): the unfolded
-    patches (:func:`torch.nn.functional.unfold`, honouring stride, padding — also ``'same'`` and non-zero padding modes — dilation and groups).  A unit is an
+    patches (:func:`torch.nn.functional.unfold`, honouring stride, padding — also ``'same'``
+    and non-zero padding modes — dilation and groups).  A unit is an
     output channel; its incoming vector has ``C_in/groups * kh * kw`` entries in the order of
     ``weight[unit].flatten()``.  Output channel ``o`` belongs to group ``o // (C_out/groups)``;
 
