@@ -72,19 +72,23 @@ Damping
 Undamped quantities
     ``k_undamped``, ``mean_scale_q`` and ``mean_scale_p`` need ``Var_q(a)`` / ``Var_p(a)`` to be
     invertible.  They are NaN where it is not numerically positive definite: always when a
-    layer has fewer probe pairs than inputs (the rank is at most the number of pairs; the first
-    layer of an MNIST net with a 512-sample probe), and for inputs that are constant on the
-    probe (dead ReLUs of the previous layer, MNIST's border pixels).
+    layer has no more probe pairs than inputs (the rank is at most the number of pairs minus
+    one; the first layer of an MNIST net with a 512-sample probe), and for inputs that are
+    constant on the probe (dead ReLUs of the previous layer, MNIST's border pixels).
 
 Cost
     Float32 by default (``dtype=torch.float64`` for verification).  Per layer and group the
-    probe's incoming rows are shared by all units: in parameter space every block ``A`` comes
-    from **one** GEMM of the per-unit weights with the packed products ``a_i a_j`` of the rows
-    (``i ≤ j``); where the probe has fewer pairs than the layer has inputs the solves run in
-    sample space (Woodbury, one ``P × P`` Cholesky factor per unit from the shared Gram matrix
-    ``X Xᵀ``).  One factorisation of ``A + λI`` per unit gives every Theorem 1/2 quantity (one
-    solve with the two right-hand sides ``[g, b]``).  The exact categorical Fisher costs one
-    backward pass of the probe per class.
+    probe's incoming rows are shared by all units.  With more pairs ``P`` than inputs ``n`` the
+    blocks are built in parameter space, every unit's at once by a few GEMMs of the per-unit
+    weights with the rows' outer products (upper column blocks only); with ``P ≤ n`` the solves
+    run in sample space (Woodbury: one ``P × P`` Cholesky factor per unit from the shared
+    ``X Xᵀ``, no block is built).  Theorem 1 and 2 come from **one** factorisation per unit of
+    the centred, damped block ``c·Var_q(a) + λI`` (solves with the right-hand sides
+    ``[g, E_q(a)]``, then Sherman–Morrison; see :meth:`BiasShiftProbe._theorems`), which also
+    keeps float32 accurate when the incoming means are large; the undamped quantities take one
+    more factorisation of ``c·Var_q(a)`` per unit (parameter space only).  The exact categorical
+    Fisher costs one backward pass of the probe per class.  ``analyses/bench_tracking.py
+    --probe-sizes`` measures the cost against an SGD step.
 
 Contract
     The probe never touches ``.grad``, the parameters, the global random generators (``"mc"``
@@ -196,20 +200,32 @@ class _CenteredWoodbury:
 def _packed_gram(X: Tensor, W: Tensor, budget: int) -> Tensor:
     r"""``A_u = Σ_p W_up x_p x_pᵀ`` for all units at once: ``(B, n, n)``.
 
-    One GEMM ``W @ Z`` with ``Z_p = x_p ⊗ x_p`` the rows' outer products (shared by all units),
-    in row chunks of at most ``budget`` bytes.  (Packing the upper triangle halves the flops
-    but its gather and scatter cost more than they save on CPUs.)
+    Per pair of column blocks ``(I, J)``, ``I ≤ J``, one GEMM ``W @ Z`` with
+    ``Z_p = x_pI ⊗ x_pJ`` (shared by all units), in row chunks of at most ``budget`` bytes; the
+    blocks below the diagonal are the transposes (about 40% fewer flops than the full product,
+    without the gather a packed triangle needs).
     """
     P, n = X.shape
-    rows = max(1, min(P, budget // max(1, n * n * X.element_size())))
-    out: Tensor | None = None
-    for r0 in range(0, P, rows):
-        Xr = X[r0:r0 + rows]
-        Z = (Xr.unsqueeze(-1) * Xr.unsqueeze(-2)).reshape(Xr.shape[0], n * n)
-        part = W[:, r0:r0 + rows] @ Z
-        out = part if out is None else out.add_(part)
-    assert out is not None
-    return out.reshape(W.shape[0], n, n)
+    k = min(4, max(1, n // 32))
+    edges = [round(i * n / k) for i in range(k + 1)]
+    A = X.new_empty(W.shape[0], n, n)
+    for i in range(k):
+        for j in range(i, k):
+            Ii, Ij = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
+            hi, hj = Ii.stop - Ii.start, Ij.stop - Ij.start
+            rows = max(1, min(P, budget // max(1, hi * hj * X.element_size())))
+            blk: Tensor | None = None
+            for r0 in range(0, P, rows):
+                Xi, Xj = X[r0:r0 + rows, Ii], X[r0:r0 + rows, Ij]
+                Z = (Xi.unsqueeze(-1) * Xj.unsqueeze(-2)).reshape(Xi.shape[0], hi * hj)
+                part = W[:, r0:r0 + rows] @ Z
+                blk = part if blk is None else blk.add_(part)
+            assert blk is not None
+            blk = blk.reshape(-1, hi, hj)
+            A[:, Ii, Ij] = blk
+            if i != j:
+                A[:, Ij, Ii] = blk.mT
+    return A
 
 
 @dataclass
@@ -669,7 +685,9 @@ class BiasShiftProbe:
             lam = self.damping * torch.where(scale > 0, scale, fallback)
         else:
             lam = torch.full_like(scale, self.damping)
-        woodbury = P < n and self.damping > 0
+        # sample space when the pairs are not more than the inputs: no Gram matrices to build,
+        # and the undamped Var_q(a) (rank <= P - 1 < n) is singular anyway
+        woodbury = P <= n and self.damping > 0
         for j in range(spec.groups):
             sl = slice(j * upg, (j + 1) * upg)
             Xa = X[:, j, 1:]
@@ -795,7 +813,7 @@ class BiasShiftProbe:
             sol = _CenteredWoodbury(Xc, K, d[s], Et[s], lam[s])
             res = self._theorems(c[s], lam[s], Et[s], mu, g[s], sol, sol.bad)
             nan = torch.full_like(c[s], float("nan"))
-            res["k_undamped"] = nan  # rank(A) <= P < n: the undamped block is singular
+            res["k_undamped"] = nan  # rank Var_q(a) <= P - 1 < n: singular
             res["mean_scale_q"] = nan
             if self.condition:
                 Kt = Xa @ Xa.T + 1
