@@ -190,10 +190,15 @@ class _CenteredWoodbury:
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
+        B, n, r = rhs.shape
+        P = self.X.shape[0]
         d = self.d.unsqueeze(-1)
-        T = (torch.matmul(self.X, rhs) - torch.matmul(self.Et.unsqueeze(1), rhs)) * d
+        # X @ rhs for every unit as one GEMM with the shared X: (P, n) @ (n, B·r)
+        Xr = (self.X @ rhs.permute(1, 0, 2).reshape(n, B * r)).reshape(P, B, r).transpose(0, 1)
+        T = (Xr - torch.matmul(self.Et.unsqueeze(1), rhs)) * d
         Z = torch.cholesky_solve(T, self.L) * d  # (B, P, r)
-        back = torch.matmul(self.X.T, Z) - self.Et.unsqueeze(-1) * Z.sum(1, keepdim=True)
+        XZ = (self.X.T @ Z.transpose(0, 1).reshape(P, B * r)).reshape(n, B, r).transpose(0, 1)
+        back = XZ - self.Et.unsqueeze(-1) * Z.sum(1, keepdim=True)
         return (rhs - back) / self.lam[:, None, None]
 
 
