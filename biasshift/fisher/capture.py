@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from biasshift._names import select_modules
+from biasshift.hooks import Trace
 
 __all__ = [
     "ADAPTERS",
@@ -305,7 +306,8 @@ class Captured:
 
 
 class Capture:
-    """Context manager: forward hooks on the tracked layers that record :class:`Captured`.
+    """Context manager: forward hooks on the tracked layers that record :class:`Captured`
+    (owned by a :class:`~biasshift.hooks.Trace`).
 
     >>> with Capture(model, specs, torch.float64) as cap:  # doctest: +SKIP
     ...     out = model(x)
@@ -317,54 +319,45 @@ class Capture:
         self.specs = specs
         self.dtype = dtype
         self.records: dict[str, Captured] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._trace = Trace({n: s.module for n, s in specs.items()}, forward=self._hook)
 
     def __enter__(self) -> Capture:
         self.records = {n: Captured() for n in self.specs}
-        try:
-            for name, spec in self.specs.items():
-                self._handles.append(spec.module.register_forward_hook(self._hook(name, spec)))
-        except BaseException:
-            self.remove()
-            raise
+        self._trace.add()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._trace.remove()
 
-    def _hook(self, name: str, spec: LayerSpec):
-        def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> object:
-            rec = self.records[name]
-            rec.calls += 1
-            if rec.calls > 1:
-                raise RuntimeError(
-                    f"layer {name!r} was called more than once in one forward pass (weight "
-                    "sharing); UnitFisher needs one call per layer and forward. Track only the "
-                    "layers that are called once (layers=[...])"
-                )
-            if not inputs or not isinstance(inputs[0], Tensor):
-                raise TypeError(f"layer {name!r}: first input is not a tensor")
-            if not isinstance(out, Tensor):
-                raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
-            x = inputs[0]
-            # A copy made now: later in-place changes of the input cannot alter it.
-            rec.x = incoming(spec, x, self.dtype)
-            rec.out_shape = tuple(out.shape)
-            if out.requires_grad:
-                rec.edge = get_gradient_edge(out)
-                return None
-            # Nothing upstream requires grad (frozen layers): make the output a leaf we can
-            # differentiate with respect to, and hand the model a copy it may modify in place.
-            leaf = out.detach().requires_grad_()
-            rec.edge = leaf
-            return leaf.clone()
-
-        return hook
+    def _hook(self, name: str, _mod: nn.Module, inputs: tuple[object, ...], out: object) -> object:
+        spec = self.specs[name]
+        rec = self.records[name]
+        rec.calls += 1
+        if rec.calls > 1:
+            raise RuntimeError(
+                f"layer {name!r} was called more than once in one forward pass (weight "
+                "sharing); UnitFisher needs one call per layer and forward. Track only the "
+                "layers that are called once (layers=[...])"
+            )
+        if not inputs or not isinstance(inputs[0], Tensor):
+            raise TypeError(f"layer {name!r}: first input is not a tensor")
+        if not isinstance(out, Tensor):
+            raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
+        x = inputs[0]
+        # A copy made now: later in-place changes of the input cannot alter it.
+        rec.x = incoming(spec, x, self.dtype)
+        rec.out_shape = tuple(out.shape)
+        if out.requires_grad:
+            rec.edge = get_gradient_edge(out)
+            return None
+        # Nothing upstream requires grad (frozen layers): make the output a leaf we can
+        # differentiate with respect to, and hand the model a copy it may modify in place.
+        leaf = out.detach().requires_grad_()
+        rec.edge = leaf
+        return leaf.clone()
 
     def check_after_forward(self, batch_size: int) -> None:
         """Every layer was called, with ``batch_size`` samples."""
