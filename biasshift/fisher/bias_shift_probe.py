@@ -324,21 +324,12 @@ class Measurement:
             start += u
 
     def frame(self) -> pd.DataFrame:
-        """Tidy table ``layer, unit, quantity, value`` (the settings in ``.attrs``)."""
-        import numpy as np
-        import pandas as pd
+        """Tidy table ``layer, unit, quantity, value`` (the settings in ``.attrs``), built from
+        :meth:`host` by :func:`biasshift.fisher.tables.long_frame`."""
+        from biasshift.fisher.tables import long_frame
 
         self.host()
-        vals = self._host_np
-        Q, U = vals.shape
-        layer_of = np.repeat(np.asarray(self.layers, dtype=object), self.units)
-        unit_of = np.concatenate([np.arange(u) for u in self.units])
-        df = pd.DataFrame({
-            "layer": np.tile(layer_of, Q),
-            "unit": np.tile(unit_of, Q),
-            "quantity": np.repeat(np.asarray(self.quantities, dtype=object), U),
-            "value": vals.reshape(-1),
-        })
+        df = long_frame(self.layers, self.units, self.quantities, self._host_np)
         df.attrs.update(self.settings)
         if self.nonfinite:
             df.attrs["nonfinite"] = True
