@@ -531,3 +531,33 @@ def test_non_finite_model_gives_nan_fisher_quantities() -> None:
     assert m.nonfinite
     assert torch.isnan(m.tensors["0"]["cos_grad_ng"]).all()
     assert torch.isfinite(m.tensors["0"]["mean_net"]).all()
+
+
+@pytest.mark.parametrize("act", [nn.ELU, nn.ReLU])
+def test_float32_is_accurate_with_large_incoming_means(act) -> None:
+    """Non-negative inputs and ReLU activations have large means (E_q(a)ᵀVar_q(a)⁻¹E_q(a) in
+    the thousands): the centred formulation keeps float32 close to float64, in both the
+    sample-space (first layer: 300 inputs > 128 pairs) and the parameter-space layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 48), act(), nn.Linear(48, 48), act(),
+                          nn.Linear(48, 48), act(), nn.Linear(48, 10))
+    g = torch.Generator().manual_seed(1)
+    px = torch.rand(128, 300, generator=g)
+    py = torch.randint(0, 10, (128,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    p32 = BiasShiftProbe(model, px, py, dtype=torch.float32)
+    p64 = BiasShiftProbe(model, px, py, dtype=torch.float64)
+    F.cross_entropy(model(px[:32]), py[:32]).backward()
+    with p32.measure() as a, p64.measure() as b:
+        opt.step()
+    t2 = b.tensors["2"]  # the regime of the test: s·c = 1 + E_qᵀVar_q⁻¹E_q (damped) is large
+    assert (t2["s"] * (t2["E_p_delta2"] + t2["damping"])).nanmedian() > 100
+    for layer, t in b.tensors.items():
+        for q in ("cos_grad_ng", "cos_ng_uncorrected", "s", "k", "bias_shift_ng",
+                  "ng_mean_term", "mean_scale_p"):
+            want, got = t[q], a.tensors[layer][q]
+            ok = torch.isfinite(want)
+            assert torch.equal(ok, torch.isfinite(got)), (layer, q)
+            if ok.any():
+                err = (got[ok] - want[ok]).abs().max() / want[ok].abs().max()
+                assert err < 1e-2, (layer, q, float(err))

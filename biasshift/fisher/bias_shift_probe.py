@@ -85,8 +85,11 @@ Cost
     ``X Xᵀ``, no block is built).  Theorem 1 and 2 come from **one** factorisation per unit of
     the centred, damped block ``c·Var_q(a) + λI`` (solves with the right-hand sides
     ``[g, E_q(a)]``, then Sherman–Morrison; see :meth:`BiasShiftProbe._theorems`), which also
-    keeps float32 accurate when the incoming means are large; the undamped quantities take one
-    more factorisation of ``c·Var_q(a)`` per unit (parameter space only).  The exact categorical
+    keeps float32 accurate when the incoming means are large; float32 solves are refined twice
+    with residuals computed in float64 from the rows (mixed-precision iterative refinement, a
+    few GEMMs), so float32 results agree with float64 to about 1e-5 even for ill-conditioned
+    blocks; the undamped quantities take one more factorisation of ``c·Var_q(a)`` per unit
+    (parameter space only).  The exact categorical
     Fisher costs one backward pass of the probe per class.  ``analyses/bench_tracking.py
     --probe-sizes`` measures the cost against an SGD step.
 
@@ -716,7 +719,8 @@ class BiasShiftProbe:
 
     @staticmethod
     def _theorems(c: Tensor, lam: Tensor, Et: Tensor, mu: Tensor, g: Tensor,
-                  solve_M: Callable[[Tensor], Tensor], bad: Tensor) -> dict[str, Tensor]:
+                  solve_M: Callable[[Tensor], Tensor], bad: Tensor,
+                  apply_M: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         r"""Theorems 1 and 2 from one solve with the centred, damped block.
 
         With ``E = E_q(a)`` (undamped), ``M = c·Var_q(a) + λI`` and ``A + λI = M + c E Eᵀ``
@@ -729,10 +733,25 @@ class BiasShiftProbe:
         which are Theorem 1's ``s``, ``Δw₀ = s(g₀ − bᵀ(A+λI)⁻¹g)``, ``Δw = (A+λI)⁻¹(g − Δw₀b)``
         and Theorem 2's ``k = s(c+λ)(1 − E_p(a)ᵀ(A+λI)⁻¹b)`` rewritten so that the large
         incoming means of deep layers do not cancel in float32.
+
+        With ``apply_M`` (``v ↦ Mv`` in float64 from the rows, given for float32 solves) the
+        solves are refined: ``Y ← Y + M⁻¹(R − MY)`` twice, the residual in float64 (mixed-
+        precision iterative refinement: the error of a float32 factorisation, about
+        ``cond(M)·eps``, shrinks to its square each time), and everything after the solves is
+        computed in float64.
         """
         E = mu + Et
         g0, gv = g[:, 0], g[:, 1:]
-        Y = solve_M(torch.stack([gv, E], dim=-1))
+        rhs = torch.stack([gv, E], dim=-1)
+        Y = solve_M(rhs)
+        if apply_M is not None:
+            rhs64 = rhs.to(torch.float64)
+            Y = Y.to(torch.float64)
+            for _ in range(2):
+                Y = Y + solve_M((rhs64 - apply_M(Y)).to(rhs.dtype)).to(torch.float64)
+            c, lam, Et, mu, g = (t.to(torch.float64) for t in (c, lam, Et, mu, g))
+            E = mu + Et
+            g0, gv = g[:, 0], g[:, 1:]
         y, z = Y[..., 0], Y[..., 1]
         m = c * _dot(E, z)
         opm = 1 + m
@@ -757,6 +776,27 @@ class BiasShiftProbe:
                 "ng_mean_term": _dot(E_p - k.unsqueeze(-1) * Eq_damped, yg),
                 "ng_bias_term": k * g0 / cp, "_bad": bad}
 
+    def _apply_M(self, Xc: Tensor, W: Tensor, Et: Tensor, lam: Tensor
+                 ) -> Callable[[Tensor], Tensor] | None:
+        r"""``V ↦ M V`` in float64 for ``M = λI + Σ_p W_p (x̃_p − Ẽ)(x̃_p − Ẽ)ᵀ`` (per unit, from
+        the rows: two GEMMs shared by the units), for refining float32 solves; ``None`` when
+        computing in float64."""
+        if self.dtype == torch.float64:
+            return None
+        X64, W64 = Xc.to(torch.float64), W.to(torch.float64)
+        E64, lam64 = Et.to(torch.float64), lam.to(torch.float64)
+        P, n = X64.shape
+
+        def apply(V: Tensor) -> Tensor:
+            B, _, r = V.shape
+            T = (X64 @ V.permute(1, 0, 2).reshape(n, B * r)).reshape(P, B, r).transpose(0, 1)
+            T = (T - torch.matmul(E64.unsqueeze(1), V)) * W64.unsqueeze(-1)  # (B, P, r)
+            back = (X64.T @ T.transpose(0, 1).reshape(P, B * r)).reshape(n, B, r)
+            back = back.transpose(0, 1) - E64.unsqueeze(-1) * T.sum(1, keepdim=True)
+            return back + lam64[:, None, None] * V
+
+        return apply
+
     def _cholesky(self, Xc: Tensor, W: Tensor, c: Tensor, Et: Tensor, mu: Tensor, g: Tensor,
                   lam: Tensor) -> dict[str, Tensor]:
         n = Xc.shape[1]
@@ -764,7 +804,6 @@ class BiasShiftProbe:
         chunk = max(1, min(B, self.memory_budget // max(1, 4 * n * n * Xc.element_size())))
         parts: dict[str, list[Tensor]] = {}
         eye = torch.eye(n, dtype=Xc.dtype, device=Xc.device)
-        nan = torch.tensor(float("nan"), dtype=Xc.dtype, device=Xc.device)
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
             e = Et[s]
@@ -774,12 +813,23 @@ class BiasShiftProbe:
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
             und = _CholeskySolve(M0)
             E = mu + e
-            z0 = und(E.unsqueeze(-1)).squeeze(-1)
-            msq = torch.where(und.bad, nan, c[s] * _dot(E, z0))
-            k0 = torch.where(und.bad, nan, 1 + c[s] * _dot(e, z0))
+            rhs0 = E.unsqueeze(-1)
+            z0 = und(rhs0)
+            cs, es = c[s], e
+            apply0 = self._apply_M(Xc, W[s], e, torch.zeros_like(lam[s]))
+            if apply0 is not None:  # refine the float32 solve (see _theorems)
+                rhs64, z0 = rhs0.to(torch.float64), z0.to(torch.float64)
+                for _ in range(2):
+                    z0 = z0 + und((rhs64 - apply0(z0)).to(rhs0.dtype)).to(torch.float64)
+                cs, es, E = cs.to(torch.float64), es.to(torch.float64), E.to(torch.float64)
+            z0 = z0.squeeze(-1)
+            nan0 = torch.full_like(cs, float("nan"))
+            msq = torch.where(und.bad, nan0, cs * _dot(E, z0))
+            k0 = torch.where(und.bad, nan0, 1 + cs * _dot(es, z0))
             Md = M0 + lam[s, None, None] * eye
             sol = _CholeskySolve(Md)
-            res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad)
+            res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad,
+                                 self._apply_M(Xc, W[s], e, lam[s]))
             res["k_undamped"] = k0
             res["mean_scale_q"] = msq
             if self.condition:
@@ -807,7 +857,8 @@ class BiasShiftProbe:
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
             sol = _CenteredWoodbury(Xc, K, d[s], Et[s], lam[s])
-            res = self._theorems(c[s], lam[s], Et[s], mu, g[s], sol, sol.bad)
+            res = self._theorems(c[s], lam[s], Et[s], mu, g[s], sol, sol.bad,
+                                 self._apply_M(Xc, W[s], Et[s], lam[s]))
             nan = torch.full_like(c[s], float("nan"))
             res["k_undamped"] = nan  # rank Var_q(a) <= P - 1 < n: singular
             res["mean_scale_q"] = nan
