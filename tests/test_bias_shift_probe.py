@@ -561,3 +561,24 @@ def test_float32_is_accurate_with_large_incoming_means(act) -> None:
             if ok.any():
                 err = (got[ok] - want[ok]).abs().max() / want[ok].abs().max()
                 assert err < 1e-2, (layer, q, float(err))
+
+
+@pytest.mark.cuda
+def test_no_synchronisation_on_cuda_until_the_host_transfer() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = conv_net().float().cuda()
+    px, py = data("conv", 32, seed=9)
+    probe = BiasShiftProbe(model, px.float().cuda(), py.cuda())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bx, by = data("conv", 8, seed=0)
+    _step(model, opt, bx.float().cuda(), by.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with probe.measure() as m:
+            opt.step()
+        _ = m.tensors
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert m.frame().shape[0] == len(QUANTITIES) * sum(probe.units)
