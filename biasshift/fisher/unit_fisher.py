@@ -1,4 +1,4 @@
-r"""The unit Fisher of every ``nn.Linear``/``nn.Conv2d`` unit, and the paper's Theorems 1 and 2.
+r"""The unit Fisher of every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` unit, and Theorems 1-2.
 
 :class:`UnitFisher` accumulates, over any number of batches, what the unit Fisher blocks of the
 ELU paper (Clevert et al., ICLR 2016, Section 2) need, and gives
@@ -143,7 +143,8 @@ def _default_dtype(model: nn.Module) -> torch.dtype:
 
 
 class UnitFisher:
-    r"""Unit Fisher blocks of a model's ``nn.Linear`` and ``nn.Conv2d`` units (see the module
+    r"""Unit Fisher blocks of a model's ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` units
+    (any type with a :class:`~biasshift.fisher.capture.LayerAdapter`; see the module
     docstring for the conventions).
 
     >>> uf = UnitFisher(model, layers=None, fisher="empirical")   # doctest: +SKIP
@@ -154,7 +155,7 @@ class UnitFisher:
     Args:
         model: any module whose samples do not interact (see ``batchnorm``).  It runs in its
             current train/eval mode; its parameters' ``.grad`` are not touched.
-        layers: ``None`` (every ``nn.Linear`` and ``nn.Conv2d``), names/modules, or a predicate
+        layers: ``None`` (every layer of a supported type), names/modules, or a predicate
             ``(name, module) -> bool``.
         fisher: ``"empirical"``, ``"mc"`` or ``"exact"``.
         likelihood: ``"categorical"`` (logits, default), ``"gaussian"`` (squared error) or
