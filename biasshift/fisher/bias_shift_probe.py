@@ -85,7 +85,7 @@ Cost
     ``X Xᵀ``, no block is built).  Theorem 1 and 2 come from **one** factorisation per unit of
     the centred, damped block ``c·Var_q(a) + λI`` (solves with the right-hand sides
     ``[g, E_q(a)]``, then Sherman–Morrison; see :meth:`BiasShiftProbe._theorems`), which also
-    keeps float32 accurate when the incoming means are large; float32 solves are refined twice
+    keeps float32 accurate when the incoming means are large; float32 solves are refined once
     with residuals computed in float64 from the rows (mixed-precision iterative refinement, a
     few GEMMs), so float32 results agree with float64 to about 1e-5 even for ill-conditioned
     blocks; the undamped quantities take one more factorisation of ``c·Var_q(a)`` per unit
@@ -145,6 +145,7 @@ FISHER_QUANTITIES = (
 #: every quantity of a measurement, in table order (``cond_F`` is appended with ``condition``)
 QUANTITIES = ("mean_net", *FISHER_QUANTITIES, "step_bias_shift_first_order",
               "step_bias_shift_measured")
+_REFINE = 1  # refinement steps of float32 solves (see BiasShiftProbe._theorems)
 _MEASURED = ("mean_net", "grad_norm", "bias_shift_sgd", "norm_E_p_a",
              "step_bias_shift_first_order", "step_bias_shift_measured")
 
@@ -735,9 +736,9 @@ class BiasShiftProbe:
         incoming means of deep layers do not cancel in float32.
 
         With ``apply_M`` (``v ↦ Mv`` in float64 from the rows, given for float32 solves) the
-        solves are refined: ``Y ← Y + M⁻¹(R − MY)`` twice, the residual in float64 (mixed-
+        solves are refined: ``Y ← Y + M⁻¹(R − MY)`` once, the residual in float64 (mixed-
         precision iterative refinement: the error of a float32 factorisation, about
-        ``cond(M)·eps``, shrinks to its square each time), and everything after the solves is
+        ``cond(M)·eps``, shrinks to its square), and everything after the solves is
         computed in float64.
         """
         E = mu + Et
@@ -747,7 +748,7 @@ class BiasShiftProbe:
         if apply_M is not None:
             rhs64 = rhs.to(torch.float64)
             Y = Y.to(torch.float64)
-            for _ in range(2):
+            for _ in range(_REFINE):
                 Y = Y + solve_M((rhs64 - apply_M(Y)).to(rhs.dtype)).to(torch.float64)
             c, lam, Et, mu, g = (t.to(torch.float64) for t in (c, lam, Et, mu, g))
             E = mu + Et
@@ -819,7 +820,7 @@ class BiasShiftProbe:
             apply0 = self._apply_M(Xc, W[s], e, torch.zeros_like(lam[s]))
             if apply0 is not None:  # refine the float32 solve (see _theorems)
                 rhs64, z0 = rhs0.to(torch.float64), z0.to(torch.float64)
-                for _ in range(2):
+                for _ in range(_REFINE):
                     z0 = z0 + und((rhs64 - apply0(z0)).to(rhs0.dtype)).to(torch.float64)
                 cs, es, E = cs.to(torch.float64), es.to(torch.float64), E.to(torch.float64)
             z0 = z0.squeeze(-1)
