@@ -15,6 +15,13 @@ tracker (``--reps`` times, medians reported):
 
     python analyses/bench_tracking.py --data-dir ../shared/data [--device cuda] [--json out.json]
 
+``--probe-sizes 128 512 2048`` instead times one :class:`~biasshift.BiasShiftProbe` measurement
+directly (a plain PyTorch loop, SGD, batch 64) against an SGD step, interleaved, for each probe
+size in float32 and float64, and the previous implementation (``UnitFisher.accumulate`` +
+``report`` in float64, what the tracker ran before it was built on the probe) for comparison::
+
+    python analyses/bench_tracking.py --probe-sizes 128 512 2048 --reps 3 [--json out.json]
+
 Without MNIST (no ``--data-dir``/``$BIASSHIFT_DATA``) random data of MNIST's shape is used: the
 cost does not depend on the values.
 """
@@ -33,6 +40,8 @@ import torch
 
 from biasshift.data import ArrayDataset, load_dataset
 from biasshift.data.base import DatasetNotFoundError
+from biasshift.fisher.bias_shift_probe import BiasShiftProbe
+from biasshift.fisher.unit_fisher import UnitFisher
 from biasshift.models import paper_mlp
 from biasshift.train import Trainer
 from biasshift.train.tracking import BiasShiftTracker, StepSchedule
@@ -71,6 +80,80 @@ def timed_fit(ds: ArrayDataset, device: torch.device, plugins: list, epochs: int
     return time.perf_counter() - t0
 
 
+def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.device) -> dict:
+    """Seconds per SGD step and per probe measurement (interleaved, medians) per probe size."""
+    g = torch.Generator().manual_seed(0)
+    model = paper_mlp("elu").to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(64, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (64,), generator=g).to(device)
+
+    def sgd_steps(k: int = 20) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        _sync(device)
+        return (time.perf_counter() - t0) / k
+
+    def measure(probe: BiasShiftProbe) -> float:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        _sync(device)
+        t0 = time.perf_counter()
+        with probe.measure() as m:
+            opt.step()
+        m.host()  # the measurement's one host transfer
+        return time.perf_counter() - t0
+
+    def old_path(px: torch.Tensor, py: torch.Tensor) -> float:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads = {n: torch.cat([m.bias.grad[:, None], m.weight.grad.reshape(m.out_features, -1)],
+                              1) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear)}
+        _sync(device)
+        t0 = time.perf_counter()
+        uf = UnitFisher(model, fisher="exact", dtype=torch.float64)
+        model.eval()
+        uf.accumulate(px, py)
+        uf.report(damping, gradients=grads, condition=False)
+        model.train()
+        opt.step()
+        return time.perf_counter() - t0
+
+    sgd_steps(20)
+    out: dict = {"sgd_step_s": [], "sizes": {}}
+    for M in sizes:
+        px = torch.rand(M, 1, 28, 28, generator=g).to(device)
+        py = torch.randint(0, 10, (M,), generator=g).to(device)
+        probes = {str(dt).replace("torch.", ""): BiasShiftProbe(model, px, py, damping=1e-3,
+                                                                dtype=dt)
+                  for dt in (torch.float32, torch.float64)}
+        res: dict = {k: [] for k in [*probes, "before_float64"]}
+        steps = []
+        for p in probes.values():
+            measure(p)  # warm-up
+        for _ in range(reps):
+            steps.append(sgd_steps())
+            for k, p in probes.items():
+                res[k].append(measure(p))
+            if M <= 512:  # the old path at 2048 takes minutes
+                res["before_float64"].append(old_path(px, py))
+            steps.append(sgd_steps())
+        t_step = statistics.median(steps)
+        out["sgd_step_s"] += steps
+        out["sizes"][M] = {
+            k: {"seconds": statistics.median(v), "sgd_steps": statistics.median(v) / t_step}
+            for k, v in res.items() if v}
+        line = ", ".join(f"{k} {d['seconds'] * 1e3:.0f} ms = {d['sgd_steps']:.0f} SGD steps"
+                         for k, d in out["sizes"][M].items())
+        print(f"probe {M:5d}: SGD step {t_step * 1e3:.2f} ms; {line}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
@@ -86,10 +169,21 @@ def main() -> None:
     ap.add_argument("--epoch1", action="store_true",
                     help="also time the whole first epoch with and without the tracker")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--probe-sizes", type=int, nargs="*", default=None,
+                    help="time BiasShiftProbe measurements directly for these probe sizes")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.probe_sizes:
+        result = bench_probe(args.probe_sizes, args.reps, args.damping, device)
+        result.update({"device": str(device), "threads": args.threads, "torch": torch.__version__,
+                       "platform": platform.platform(), "net": "8x128 ELU MLP, batch 64",
+                       "damping": "1e-3 relative (probe); old path absolute " f"{args.damping}"})
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+        return
     full = mnist_shaped(args.data_dir).to(device)
     sub = full.subset(64 * args.steps, 1000)
     every = max(1, args.steps // args.tracked)

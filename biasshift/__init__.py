@@ -8,6 +8,8 @@ Public entry points (imported lazily, so ``import biasshift`` stays fast):
 * :class:`ActivationMonitor` — per-unit activation statistics of any model while it trains;
 * :func:`probe_statistics` — the paper's exact per-unit mean/median on a fixed probe set;
 * :class:`UnitFisher` and :mod:`biasshift.theory` — unit Fisher blocks and Theorems 1-2;
+* :class:`BiasShiftProbe` — the bias shift of one update and the gradient/natural-gradient gap,
+  measured in any training loop with any optimizer;
 * :class:`BiasShiftTracker` — a trainer plug-in that measures the bias shift and the
   gradient/natural-gradient gap during training;
 * :class:`UnitNaturalGradient` — the unit natural gradient (Theorem 1) as an optimizer;
@@ -26,6 +28,7 @@ _LAZY = {
     "probe_statistics": "biasshift.monitor",
     "ProbeStatistics": "biasshift.monitor",
     "UnitFisher": "biasshift.fisher",
+    "BiasShiftProbe": "biasshift.fisher.bias_shift_probe",
     "UnitNaturalGradient": "biasshift.optim",
     "BiasShiftTracker": "biasshift.train",
     "theory": "biasshift.theory",

@@ -78,6 +78,7 @@ __all__ = [
     "FisherBlocks",
     "NaturalGradientFactors",
     "SingularFisherError",
+    "Solver",
     "Theorem2",
     "UnitQuantities",
     "Var_q",
@@ -100,6 +101,7 @@ __all__ = [
     "natural_gradient_factors",
     "quadratic_form_second_moment",
     "quadratic_form_sherman_morrison",
+    "raise_singular",
     "s_from_fisher",
     "s_from_moments",
     "split_fisher",
@@ -409,6 +411,10 @@ class _Cholesky(_Solver):
         return torch.cholesky_solve(rhs, self.L)
 
 
+#: the public name of the solver interface (``solver(rhs)`` gives ``A⁻¹ rhs``, ``solver.bad``)
+Solver = _Solver
+
+
 def cholesky_solver(A: Tensor) -> _Solver:
     """A solver for the SPD batch ``A (units, n, n)``: ``solver(rhs)`` gives ``A⁻¹ rhs``.
 
@@ -449,6 +455,14 @@ def _raise_singular(F: Tensor, bad: Tensor, damping: float, *, layer: str | None
         "the block has rows.",
         units=units, smallest_eigenvalue=lam_min, layer=layer,
     )
+
+
+def raise_singular(F: Tensor, bad: Tensor, damping: float, *, layer: str | None = None,
+                   unit_offset: int = 0, what: str = "F") -> None:
+    """Raise :class:`SingularFisherError` for the blocks of ``F`` (already damped) flagged in
+    ``bad``: the message names the units, the smallest and largest eigenvalue and a damping
+    that helps (the public entry point for other modules)."""
+    _raise_singular(F, bad, damping, layer=layer, unit_offset=unit_offset, what=what)
 
 
 # --------------------------------------------------------------------------------------------

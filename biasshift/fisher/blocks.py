@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from biasshift.theory import _Solver
+from biasshift.theory import Solver
 
 __all__ = [
     "Source",
@@ -131,7 +131,7 @@ def true_gram(sources: Sequence[Source], group: int, units: slice | Tensor, *,
     return out
 
 
-class WoodburySolver(_Solver):
+class WoodburySolver(Solver):
     r"""``(λI + UᵀU)⁻¹`` for a chunk of units with ``U = diag(d) X`` (``X (P, n)`` shared).
 
     Woodbury: ``(λI + UᵀU)⁻¹ v = (v − Uᵀ (λI_P + U Uᵀ)⁻¹ U v) / λ`` with

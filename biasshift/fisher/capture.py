@@ -1,5 +1,10 @@
 """Which layers a :class:`~biasshift.UnitFisher` tracks, and the hooks that capture them.
 
+Each supported layer type is one :class:`LayerAdapter` in a registry (:data:`ADAPTERS`,
+:func:`register_adapter`): its incoming vectors, its δ rows, its unit view and its input
+checks.  ``incoming``, ``delta_rows`` and ``resolve_layers`` dispatch on it, so a new layer
+type is one class.
+
 For every tracked layer one forward pass records
 
 * the incoming vectors ``ã = (1, a)`` of every unit, as ``(N, groups, L, n+1)`` (bias column
@@ -7,8 +12,9 @@ For every tracked layer one forward pass records
 
   - ``nn.Linear`` on ``(N, F)``: ``L = 1``; on ``(N, *, F)`` the extra dimensions are flattened
     into ``L`` positions (treated exactly like conv positions);
-  - ``nn.Conv2d``: the unfolded patches (:func:`torch.nn.functional.unfold`, honouring stride,
-    padding — also ``'same'`` and non-zero padding modes — dilation and groups).  A unit is an
+  - ``nn.Conv2d`` (and ``nn.Conv1d``, as a 2-d convolution of height 1): the unfolded
+    patches (:func:`torch.nn.functional.unfold`, honouring stride, padding — also ``'same'``
+    and non-zero padding modes — dilation and groups).  A unit is an
     output channel; its incoming vector has ``C_in/groups * kh * kw`` entries in the order of
     ``weight[unit].flatten()``.  Output channel ``o`` belongs to group ``o // (C_out/groups)``;
 
@@ -32,34 +38,39 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from biasshift._names import select_modules
+from biasshift.hooks import Trace
 
 __all__ = [
+    "ADAPTERS",
     "SUPPORTED_LAYERS",
     "Capture",
     "Captured",
+    "Conv1dAdapter",
+    "Conv2dAdapter",
+    "LayerAdapter",
     "LayerSelection",
     "LayerSpec",
+    "LinearAdapter",
+    "adapter_for",
     "delta_rows",
     "incoming",
+    "register_adapter",
     "resolve_layers",
 ]
-
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 LayerSelection = Union[None, Iterable[Union[str, nn.Module]], Callable[[str, nn.Module], bool]]  # noqa: UP007
 
 
-def _supported_names() -> str:
-    return ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
-
-
 @dataclass(frozen=True)
 class LayerSpec:
-    """A tracked layer: ``units`` output units in ``groups`` groups, ``n`` inputs per unit."""
+    """A tracked layer: ``units`` output units in ``groups`` groups, ``n`` inputs per unit.
+
+    ``kind`` names the layer's :class:`LayerAdapter` (``"linear"``, ``"conv1d"``, ``"conv2d"``).
+    """
 
     name: str
     module: nn.Module
-    kind: str  # "linear" | "conv2d"
+    kind: str
     units: int
     groups: int
     n: int
@@ -74,8 +85,155 @@ class LayerSpec:
     def units_per_group(self) -> int:
         return self.units // self.groups
 
-    def group_of(self, unit: int) -> int:
-        return unit // self.units_per_group
+    @property
+    def adapter(self) -> LayerAdapter:
+        """The adapter of the layer's type."""
+        return ADAPTERS[self.kind]
+
+
+class LayerAdapter:
+    """How a layer type looks to the unit Fisher: one subclass per supported layer type.
+
+    A unit is one output feature (``nn.Linear``) or channel (convolutions); its incoming vector
+    is the input (patch) that ``weight[unit].flatten()`` multiplies.  Subclasses set
+    ``layer_type`` and ``kind`` and implement :meth:`spec`, :meth:`check_input`,
+    :meth:`rows` and :meth:`unit_view`; :func:`register_adapter` adds them to the registry.
+    """
+
+    layer_type: type[nn.Module] = nn.Module
+    kind = ""
+
+    def spec(self, name: str, module: nn.Module) -> LayerSpec:
+        raise NotImplementedError
+
+    def check_input(self, spec: LayerSpec, x: Tensor) -> None:
+        """Raise a clear error for an input this layer type cannot be read from."""
+
+    def rows(self, spec: LayerSpec, x: Tensor) -> Tensor:
+        """The incoming vectors without the bias column: ``(N, groups, L, n)``."""
+        raise NotImplementedError
+
+    def unit_view(self, spec: LayerSpec, out: Tensor) -> Tensor:
+        """A layer-output-shaped tensor as ``(N, L, units)`` (positions in :meth:`rows`'s
+        order)."""
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on ``(N, F)`` (``L = 1``) or ``(N, *, F)`` (the extra dimensions are
+    positions)."""
+
+    layer_type = nn.Linear
+    kind = "linear"
+
+    def spec(self, name: str, module: nn.Module) -> LayerSpec:
+        assert isinstance(module, nn.Linear)
+        return LayerSpec(name, module, self.kind, module.out_features, 1, module.in_features,
+                         module.bias is not None)
+
+    def check_input(self, spec: LayerSpec, x: Tensor) -> None:
+        if x.ndim < 2:
+            raise ValueError(
+                f"layer {spec.name!r}: input of shape {tuple(x.shape)} has no batch dimension; "
+                "UnitFisher needs (N, ..., in_features) with dim 0 = samples"
+            )
+
+    def rows(self, spec: LayerSpec, x: Tensor) -> Tensor:
+        return x.detach().reshape(x.shape[0], 1, -1, spec.n)
+
+    def unit_view(self, spec: LayerSpec, out: Tensor) -> Tensor:
+        return out.reshape(out.shape[0], -1, spec.units)
+
+
+class _ConvAdapter(LayerAdapter):
+    """Shared by the convolutions: unit = output channel, incoming vector = the unfolded
+    patch of its group's input channels (stride, padding incl. ``'same'`` and non-zero modes,
+    dilation and groups honoured), in the order of ``weight[unit].flatten()``."""
+
+    dims = 2
+
+    def spec(self, name: str, module: nn.Module) -> LayerSpec:
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+        g = module.groups
+        k = 1
+        for s in module.kernel_size:
+            k *= s
+        return LayerSpec(name, module, self.kind, module.out_channels, g,
+                         module.in_channels // g * k, module.bias is not None)
+
+    def check_input(self, spec: LayerSpec, x: Tensor) -> None:
+        if x.ndim != self.dims + 2:
+            shape = "(N, C, L)" if self.dims == 1 else "(N, C, H, W)"
+            raise ValueError(
+                f"layer {spec.name!r}: {type(spec.module).__name__} input of shape "
+                f"{tuple(x.shape)}; UnitFisher needs a batch {shape} with dim 0 = samples"
+            )
+
+    def _patches(self, m: nn.Module, x: Tensor) -> Tensor:
+        padding = m.padding
+        if isinstance(padding, str) or m.padding_mode != "zeros":
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = Fn.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * self.dims
+        if self.dims == 1:  # a 1-d convolution is a 2-d one on (N, C, 1, L)
+            return Fn.unfold(x.unsqueeze(-2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
+                             padding=(0, padding[0]), stride=(1, m.stride[0]))
+        return Fn.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding,
+                         stride=m.stride)
+
+    def rows(self, spec: LayerSpec, x: Tensor) -> Tensor:
+        cols = self._patches(spec.module, x.detach())
+        N, _, L = cols.shape
+        return cols.reshape(N, spec.groups, spec.n, L).transpose(-1, -2)
+
+    def unit_view(self, spec: LayerSpec, out: Tensor) -> Tensor:
+        return out.movedim(1, -1).reshape(out.shape[0], -1, spec.units)
+
+
+class Conv2dAdapter(_ConvAdapter):
+    """``nn.Conv2d`` on ``(N, C, H, W)``."""
+
+    layer_type = nn.Conv2d
+    kind = "conv2d"
+    dims = 2
+
+
+class Conv1dAdapter(_ConvAdapter):
+    """``nn.Conv1d`` on ``(N, C, L)``."""
+
+    layer_type = nn.Conv1d
+    kind = "conv1d"
+    dims = 1
+
+
+#: the registry: ``kind -> adapter`` (see :func:`register_adapter`)
+ADAPTERS: dict[str, LayerAdapter] = {}
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = ()
+
+
+def register_adapter(adapter: LayerAdapter) -> LayerAdapter:
+    """Add a layer type to every unit-Fisher consumer (UnitFisher, BiasShiftProbe, the
+    optimizer): one :class:`LayerAdapter` instance per type."""
+    global SUPPORTED_LAYERS
+    ADAPTERS[adapter.kind] = adapter
+    SUPPORTED_LAYERS = tuple(a.layer_type for a in ADAPTERS.values())
+    return adapter
+
+
+for _adapter in (LinearAdapter(), Conv2dAdapter(), Conv1dAdapter()):
+    register_adapter(_adapter)
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter of ``module``'s type (the first registered one it is an instance of)."""
+    for a in ADAPTERS.values():
+        if isinstance(module, a.layer_type):
+            return a
+    return None
+
+
+def _supported_names() -> str:
+    return ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
 
 
 def _spec(name: str, module: nn.Module) -> LayerSpec:
@@ -85,26 +243,22 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
             "(in_channels) are only known after the first forward. Run one forward pass, e.g. "
             "model(x[:1]), before creating UnitFisher, BiasShiftTracker or UnitNaturalGradient"
         )
-    if isinstance(module, nn.Linear):
-        return LayerSpec(name, module, "linear", module.out_features, 1, module.in_features,
-                         module.bias is not None)
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        g = module.groups
-        return LayerSpec(name, module, "conv2d", module.out_channels, g,
-                         module.in_channels // g * kh * kw, module.bias is not None)
-    raise TypeError(
-        f"layer {name!r} is a {type(module).__name__}; UnitFisher supports {_supported_names()} "
-        "(and their subclasses). Choose supported layers with layers=[...]"
-    )
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise TypeError(
+            f"layer {name!r} is a {type(module).__name__}; UnitFisher supports "
+            f"{_supported_names()} (and their subclasses). Choose supported layers with "
+            "layers=[...]"
+        )
+    return adapter.spec(name, module)
 
 
 def resolve_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str, LayerSpec]:
     """Resolve ``layers`` to ``{qualified name: LayerSpec}`` in ``named_modules()`` order.
 
-    ``None`` selects every ``nn.Linear`` and ``nn.Conv2d``; an iterable holds names and/or
-    module objects; a callable is a predicate ``(name, module) -> bool`` over the supported
-    layers.
+    ``None`` selects every layer of a supported type (:data:`SUPPORTED_LAYERS`); an iterable
+    holds names and/or module objects; a callable is a predicate ``(name, module) -> bool`` over
+    the supported layers.
 
     Raises:
         KeyError: an unknown name (the message lists close names).
@@ -130,31 +284,9 @@ def resolve_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str,
 
 def incoming(spec: LayerSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
     """The incoming vectors ``ã`` of every unit: ``(N, groups, L, n1)``, bias column first."""
-    m = spec.module
-    if spec.kind == "linear":
-        if x.ndim < 2:
-            raise ValueError(
-                f"layer {spec.name!r}: input of shape {tuple(x.shape)} has no batch dimension; "
-                "UnitFisher needs (N, ..., in_features) with dim 0 = samples"
-            )
-        N = x.shape[0]
-        a = x.detach().reshape(N, 1, -1, spec.n)
-    else:
-        if x.ndim != 4:
-            raise ValueError(
-                f"layer {spec.name!r}: Conv2d input of shape {tuple(x.shape)}; UnitFisher needs "
-                "a batch (N, C, H, W) with dim 0 = samples"
-            )
-        assert isinstance(m, nn.Conv2d)
-        x = x.detach()
-        padding = m.padding
-        if isinstance(padding, str) or m.padding_mode != "zeros":
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = Fn.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = (0, 0)
-        cols = Fn.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        N, _, L = cols.shape
-        a = cols.reshape(N, spec.groups, spec.n, L).transpose(-1, -2)
+    adapter = spec.adapter
+    adapter.check_input(spec, x)
+    a = adapter.rows(spec, x)
     N, g, L, _ = a.shape
     out = torch.empty(N, g, L, spec.n1, dtype=dtype, device=a.device)
     if spec.has_bias:
@@ -167,10 +299,7 @@ def incoming(spec: LayerSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def delta_rows(spec: LayerSpec, grad_out: Tensor) -> Tensor:
     """``δ`` of the layer's output gradient as ``(N, L, units)`` (positions in unfold order)."""
-    N = grad_out.shape[0]
-    if spec.kind == "linear":
-        return grad_out.reshape(N, -1, spec.units)
-    return grad_out.permute(0, 2, 3, 1).reshape(N, -1, spec.units)
+    return spec.adapter.unit_view(spec, grad_out)
 
 
 @dataclass
@@ -184,7 +313,8 @@ class Captured:
 
 
 class Capture:
-    """Context manager: forward hooks on the tracked layers that record :class:`Captured`.
+    """Context manager: forward hooks on the tracked layers that record :class:`Captured`
+    (owned by a :class:`~biasshift.hooks.Trace`).
 
     >>> with Capture(model, specs, torch.float64) as cap:  # doctest: +SKIP
     ...     out = model(x)
@@ -196,54 +326,45 @@ class Capture:
         self.specs = specs
         self.dtype = dtype
         self.records: dict[str, Captured] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._trace = Trace({n: s.module for n, s in specs.items()}, forward=self._hook)
 
     def __enter__(self) -> Capture:
         self.records = {n: Captured() for n in self.specs}
-        try:
-            for name, spec in self.specs.items():
-                self._handles.append(spec.module.register_forward_hook(self._hook(name, spec)))
-        except BaseException:
-            self.remove()
-            raise
+        self._trace.add()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._trace.remove()
 
-    def _hook(self, name: str, spec: LayerSpec):
-        def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> object:
-            rec = self.records[name]
-            rec.calls += 1
-            if rec.calls > 1:
-                raise RuntimeError(
-                    f"layer {name!r} was called more than once in one forward pass (weight "
-                    "sharing); UnitFisher needs one call per layer and forward. Track only the "
-                    "layers that are called once (layers=[...])"
-                )
-            if not inputs or not isinstance(inputs[0], Tensor):
-                raise TypeError(f"layer {name!r}: first input is not a tensor")
-            if not isinstance(out, Tensor):
-                raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
-            x = inputs[0]
-            # A copy made now: later in-place changes of the input cannot alter it.
-            rec.x = incoming(spec, x, self.dtype)
-            rec.out_shape = tuple(out.shape)
-            if out.requires_grad:
-                rec.edge = get_gradient_edge(out)
-                return None
-            # Nothing upstream requires grad (frozen layers): make the output a leaf we can
-            # differentiate with respect to, and hand the model a copy it may modify in place.
-            leaf = out.detach().requires_grad_()
-            rec.edge = leaf
-            return leaf.clone()
-
-        return hook
+    def _hook(self, name: str, _mod: nn.Module, inputs: tuple[object, ...], out: object) -> object:
+        spec = self.specs[name]
+        rec = self.records[name]
+        rec.calls += 1
+        if rec.calls > 1:
+            raise RuntimeError(
+                f"layer {name!r} was called more than once in one forward pass (weight "
+                "sharing); UnitFisher needs one call per layer and forward. Track only the "
+                "layers that are called once (layers=[...])"
+            )
+        if not inputs or not isinstance(inputs[0], Tensor):
+            raise TypeError(f"layer {name!r}: first input is not a tensor")
+        if not isinstance(out, Tensor):
+            raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
+        x = inputs[0]
+        # A copy made now: later in-place changes of the input cannot alter it.
+        rec.x = incoming(spec, x, self.dtype)
+        rec.out_shape = tuple(out.shape)
+        if out.requires_grad:
+            rec.edge = get_gradient_edge(out)
+            return None
+        # Nothing upstream requires grad (frozen layers): make the output a leaf we can
+        # differentiate with respect to, and hand the model a copy it may modify in place.
+        leaf = out.detach().requires_grad_()
+        rec.edge = leaf
+        return leaf.clone()
 
     def check_after_forward(self, batch_size: int) -> None:
         """Every layer was called, with ``batch_size`` samples."""

@@ -49,7 +49,7 @@ FISHER_KINDS = ("empirical", "mc", "exact")
 
 
 class Likelihood:
-    """Base class: ``validate``, ``log_prob``, ``score``, ``sample``, ``exact_factors``."""
+    """Base class: ``validate``, ``score``, ``sample``, ``exact_factors``."""
 
     name = "likelihood"
 
@@ -60,10 +60,6 @@ class Likelihood:
     def invalid_targets(self, output: Tensor, targets: Tensor) -> Tensor:
         """A 0-dim bool tensor: some target is out of range (checked without a host sync)."""
         return torch.zeros((), dtype=torch.bool, device=output.device)
-
-    def log_prob(self, output: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample ``ln p(y|x)``, shape ``(N,)``."""
-        raise NotImplementedError
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         """``∂ ln p(y|x) / ∂output``, the shape of ``output``."""
@@ -120,9 +116,6 @@ class Categorical(Likelihood):
     def invalid_targets(self, output: Tensor, targets: Tensor) -> Tensor:
         return ((targets < 0) | (targets >= output.shape[1])).any()
 
-    def log_prob(self, output: Tensor, targets: Tensor) -> Tensor:
-        return torch.log_softmax(output, dim=1).gather(1, targets[:, None]).squeeze(1)
-
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         C = output.shape[1]
         s = -torch.softmax(output.detach(), dim=1)
@@ -147,10 +140,6 @@ class Gaussian(Likelihood):
 
     def validate(self, output: Tensor, targets: Tensor) -> Tensor:
         return self._floating_targets(output, targets)
-
-    def log_prob(self, output: Tensor, targets: Tensor) -> Tensor:
-        d = (targets - output).reshape(output.shape[0], -1)
-        return -0.5 * d.square().sum(1) - 0.5 * d.shape[1] * math.log(2 * math.pi)
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         return targets - output.detach()
@@ -185,11 +174,6 @@ class Bernoulli(Likelihood):
 
     def invalid_targets(self, output: Tensor, targets: Tensor) -> Tensor:
         return ((targets < 0) | (targets > 1)).any()
-
-    def log_prob(self, output: Tensor, targets: Tensor) -> Tensor:
-        ll = -torch.nn.functional.binary_cross_entropy_with_logits(
-            output, targets, reduction="none")
-        return ll.reshape(output.shape[0], -1).sum(1)
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         return targets - torch.sigmoid(output.detach())

@@ -27,8 +27,8 @@ from biasshift.fisher.blocks import WoodburySolver, cholesky_cost, woodbury_cost
 from biasshift.fisher.storage import LayerStore
 from biasshift.theory import (
     UnitQuantities,
-    _raise_singular,
     cholesky_solver,
+    raise_singular,
     split_fisher,
     unit_quantities,
 )
@@ -128,7 +128,7 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
                 Fd = F
                 if spec.has_bias and damping:
                     Fd = F + damping * torch.eye(n1, dtype=dtype, device=F.device)
-                _raise_singular(Fd, bad, damping, layer=spec.name, unit_offset=sl.start)
+                raise_singular(Fd, bad, damping, layer=spec.name, unit_offset=sl.start)
             if condition:
                 Fd = F + damping * torch.eye(n1, dtype=dtype, device=F.device) \
                     if (spec.has_bias and damping) else F
@@ -156,7 +156,7 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
             if bool(bad.any()):
                 F = store.blocks(j, sl, positions="pairs", dtype=dtype, budget=budget // 2)
                 F = F + damping * torch.eye(n1, dtype=dtype, device=F.device)
-                _raise_singular(F, bad, damping, layer=spec.name, unit_offset=sl.start)
+                raise_singular(F, bad, damping, layer=spec.name, unit_offset=sl.start)
             if condition:
                 Kt = K + 1 if spec.has_bias else K
                 mu = torch.linalg.eigvalsh(d.unsqueeze(-1) * Kt * d.unsqueeze(-2))[:, -1]

@@ -1,4 +1,4 @@
-r"""The unit Fisher of every ``nn.Linear``/``nn.Conv2d`` unit, and the paper's Theorems 1 and 2.
+r"""The unit Fisher of every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` unit, and Theorems 1-2.
 
 :class:`UnitFisher` accumulates, over any number of batches, what the unit Fisher blocks of the
 ELU paper (Clevert et al., ICLR 2016, Section 2) need, and gives
@@ -87,8 +87,9 @@ from biasshift.fisher.likelihood import (
 )
 from biasshift.fisher.report import SOLVERS, layer_quantities
 from biasshift.fisher.storage import LayerStore
+from biasshift.fisher.tables import to_host, wide_frame
 
-__all__ = ["LayerMoments", "NonFiniteError", "UnitFisher"]
+__all__ = ["LayerMoments", "LayerQuantities", "NonFiniteError", "UnitFisher"]
 
 POSITIONS = ("sum", "pairs")
 
@@ -96,6 +97,20 @@ POSITIONS = ("sum", "pairs")
 class NonFiniteError(FloatingPointError, ValueError):
     """Non-finite activations or ``δ`` reached :class:`UnitFisher` (out-of-range targets alone
     raise a plain :class:`ValueError`)."""
+
+
+@dataclass(frozen=True)
+class LayerQuantities:
+    """One layer's :meth:`UnitFisher.quantities`: ``tensors`` maps each quantity to a
+    ``(units,)`` tensor on the device; the rest are the layer's settings."""
+
+    layer: str
+    units: int
+    n_samples: int
+    n_pairs: int
+    damping: float
+    solver: str
+    tensors: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,8 @@ def _default_dtype(model: nn.Module) -> torch.dtype:
 
 
 class UnitFisher:
-    r"""Unit Fisher blocks of a model's ``nn.Linear`` and ``nn.Conv2d`` units (see the module
+    r"""Unit Fisher blocks of a model's ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` units
+    (any type with a :class:`~biasshift.fisher.capture.LayerAdapter`; see the module
     docstring for the conventions).
 
     >>> uf = UnitFisher(model, layers=None, fisher="empirical")   # doctest: +SKIP
@@ -139,7 +155,7 @@ class UnitFisher:
     Args:
         model: any module whose samples do not interact (see ``batchnorm``).  It runs in its
             current train/eval mode; its parameters' ``.grad`` are not touched.
-        layers: ``None`` (every ``nn.Linear`` and ``nn.Conv2d``), names/modules, or a predicate
+        layers: ``None`` (every layer of a supported type), names/modules, or a predicate
             ``(name, module) -> bool``.
         fisher: ``"empirical"``, ``"mc"`` or ``"exact"``.
         likelihood: ``"categorical"`` (logits, default), ``"gaussian"`` (squared error) or
@@ -608,7 +624,7 @@ class UnitFisher:
         return grad.to(device=st.device, dtype=dtype)
 
     # ------------------------------------------------------------------------------ report
-    def report(
+    def quantities(
         self,
         damping: float = 0.0,
         gradients: Mapping[str, Tensor] | None = None,
@@ -619,8 +635,9 @@ class UnitFisher:
         activation_means: Mapping[str, Tensor] | None = None,
         condition: bool = True,
         solver: str = "auto",
-    ) -> pd.DataFrame:
-        r"""One row per (layer, unit) with the paper's Theorem 1 and 2 quantities.
+    ) -> dict[str, LayerQuantities]:
+        r"""The paper's Theorem 1 and 2 quantities per layer, as tensors on the device (what
+        :meth:`report` tabulates; no host transfer except the singular-block checks).
 
         Conventions: ``grad`` is the gradient ``(g₀, g)`` of the loss being minimised (default:
         :meth:`gradient`, the mean NLL of the given targets); directions and bias shifts are
@@ -680,7 +697,7 @@ class UnitFisher:
                 if n not in chosen:
                     raise unknown_name_error(f"reported layer (in {what})", n, chosen)
         self._check()
-        frames = []
+        out: dict[str, LayerQuantities] = {}
         for n in chosen:
             st = self._stores[n]
             spec = st.spec
@@ -692,13 +709,7 @@ class UnitFisher:
             res = layer_quantities(st, g, E_p_a, damping=damping, dtype=dtype, budget=budget,
                                    condition=condition, solver=solver)
             q = res.quantities
-            cols: dict[str, Any] = {
-                "layer": n,
-                "unit": range(spec.units),
-                "n_samples": st.n_samples,
-                "n_pairs": st.n_pairs,
-                "damping": damping,
-                "solver": res.solver,
+            cols: dict[str, Tensor] = {
                 "E_p_delta2": mom.E_p_delta2,
                 "norm_E_p_a": E_p_a.norm(dim=-1),
                 "norm_E_q_a": mom.E_q_a.norm(dim=-1),
@@ -709,11 +720,36 @@ class UnitFisher:
             cols["grad_norm"] = g.norm(dim=-1)
             if condition:
                 cols["cond_F"] = q["cond_F"]
-            frames.append(pd.DataFrame({
-                k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else v)
-                for k, v in cols.items()
-            }))
-        return pd.concat(frames, ignore_index=True)
+            out[n] = LayerQuantities(layer=n, units=spec.units, n_samples=st.n_samples,
+                                     n_pairs=st.n_pairs, damping=damping, solver=res.solver,
+                                     tensors=cols)
+        return out
+
+    def report(
+        self,
+        damping: float = 0.0,
+        gradients: Mapping[str, Tensor] | None = None,
+        memory_budget: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        *,
+        layers: Sequence[str] | None = None,
+        activation_means: Mapping[str, Tensor] | None = None,
+        condition: bool = True,
+        solver: str = "auto",
+    ) -> pd.DataFrame:
+        """One row per (layer, unit): :meth:`quantities` as a table (one batched host transfer,
+        :mod:`biasshift.fisher.tables`).  Columns ``layer, unit, n_samples, n_pairs, damping,
+        solver`` and the quantities (see :meth:`quantities`)."""
+        res = self.quantities(damping, gradients, memory_budget, dtype, layers=layers,
+                              activation_means=activation_means, condition=condition,
+                              solver=solver)
+        parts = list(res.values())
+        names = list(parts[0].tensors)
+        host = to_host({k: torch.cat([p.tensors[k] for p in parts]) for k in names})
+        meta = [{"layer": p.layer, "units": p.units, "n_samples": p.n_samples,
+                 "n_pairs": p.n_pairs, "damping": p.damping, "solver": p.solver} for p in parts]
+        return wide_frame(meta, host, ["layer", "unit", "n_samples", "n_pairs", "damping",
+                                       "solver", *names])
 
     @staticmethod
     def _means_for(spec: LayerSpec, means: Tensor, dtype: torch.dtype,

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from biasshift._names import unknown_name_error
+from biasshift.hooks import Trace
 from biasshift.monitor.histogram import HistogramSpec, histogram_frame
 from biasshift.monitor.running import (
     STAT_COLUMNS,
@@ -79,11 +80,7 @@ _VERSION = 1
 _INT_COLUMNS = ("count", "nonfinite")
 _RESERVED_TAGS = frozenset({"module", "unit", "bin", "bin_left", "bin_right", *STAT_COLUMNS})
 
-_compiler_disable = getattr(getattr(torch, "compiler", None), "disable", None)
-if _compiler_disable is None:  # pragma: no cover - torch < 2.1
-    import torch._dynamo
-
-    _compiler_disable = torch._dynamo.disable
+_compiler_disable = torch.compiler.disable
 
 
 def _empty_stats_frame(tag_names: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
@@ -165,7 +162,7 @@ class ActivationMonitor:
         #: Snapshots dropped from memory because of ``max_history`` (oldest first).
         self.dropped_snapshots = 0
         self._spill_columns: dict[str, list[str]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._trace = Trace(self._modules, forward=self._hook)
         self._scratch = ScratchPool()
 
     # -- hooks --------------------------------------------------------------------------------
@@ -177,27 +174,21 @@ class ActivationMonitor:
     @property
     def active(self) -> bool:
         """True while the hooks are registered (inside ``with monitor:``)."""
-        return bool(self._handles)
+        return self._trace.active
 
     def attach(self) -> ActivationMonitor:
-        """Register the forward hooks (what ``with monitor:`` does on enter)."""
-        if self._handles:
+        """Register the forward hooks (what ``with monitor:`` does on enter); they are owned by
+        a :class:`~biasshift.hooks.Trace`."""
+        if self._trace.active:
             raise RuntimeError(
                 "this ActivationMonitor is already attached (entered twice?); exit the first "
                 "`with monitor:` block or call detach() before attaching it again")
-        try:
-            for name, module in self._modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        except BaseException:
-            self.detach()
-            raise
+        self._trace.add()
         return self
 
     def detach(self) -> None:
         """Remove every hook this monitor registered (what leaving ``with monitor:`` does)."""
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
+        self._trace.remove()
 
     def __enter__(self) -> ActivationMonitor:
         return self.attach()
@@ -206,12 +197,9 @@ class ActivationMonitor:
                  tb: TracebackType | None) -> None:
         self.detach()
 
-    def _make_hook(self, name: str):
-        @_compiler_disable
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            self._observe(name, output)
-
-        return hook
+    @_compiler_disable
+    def _hook(self, name: str, _module: nn.Module, _inputs: object, output: object) -> None:
+        self._observe(name, output)
 
     def _observe(self, name: str, out: object) -> None:
         if not isinstance(out, Tensor):

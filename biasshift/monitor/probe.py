@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from biasshift._names import unknown_name_error
 from biasshift._torch import model_device
+from biasshift.hooks import Trace, eval_mode
 from biasshift.monitor.selection import (
     ModuleSpec,
     UnitDimSpec,
@@ -214,20 +215,14 @@ def probe_statistics(
         return hook
 
     device = model_device(model)
-    modes = {m: m.training for m in model.modules()}  # per module: some may be in eval already
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen.items()]
-    try:
-        model.eval()
+    hooks = {n: make_hook(n) for n in chosen}
+    # eval_mode restores every submodule's own flag (some may be in eval already)
+    with eval_mode(model), Trace(chosen, forward=lambda n, m, i, o: hooks[n](m, i, o)):
         n_batches = n_inputs = 0
         for x in _batches(probe, batch_size):
             n_batches += 1
             n_inputs += x.shape[0] if x.ndim else 1
             model(x.to(device, non_blocking=True) if device is not None else x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
 
     if n_inputs == 0:
         got = "no batches" if n_batches == 0 else f"{n_batches} batch(es) of 0 inputs each"

@@ -186,11 +186,6 @@ class RunningLayerFisher:
         self._pending.clear()
         self._batches.clear()
 
-    @property
-    def has_batches(self) -> bool:
-        """Whether a backward pass was committed since the last update."""
-        return bool(self._batches)
-
     def _check_input(self, x: object) -> Tensor:
         spec = self.spec
         if not isinstance(x, Tensor):

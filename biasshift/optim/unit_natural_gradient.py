@@ -107,7 +107,7 @@ from torch import Tensor, nn
 from biasshift.fisher.capture import SUPPORTED_LAYERS, LayerSpec, resolve_layers
 from biasshift.optim.block_solve import FORMS, BlockFactors, pack_tril, unpack_tril
 from biasshift.optim.running_fisher import REDUCTIONS, RunningLayerFisher, stat_dtype
-from biasshift.theory import _raise_singular
+from biasshift.theory import raise_singular
 
 __all__ = ["DAMPING_MODES", "DivergenceError", "UnitNaturalGradient"]
 
@@ -505,7 +505,7 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         if bool(bad.any()):
             if rho == 0:
                 F.diagonal(dim1=-2, dim2=-1).sub_(lam.unsqueeze(-1))
-                _raise_singular(F, bad, 0.0, layer=layer.name)
+                raise_singular(F, bad, 0.0, layer=layer.name)
             # damping > 0: only a Fisher that overflowed or outgrew the damping by ~1/eps gets
             # here; those units take the plain gradient until the next refresh
             warnings.warn(

@@ -24,9 +24,8 @@ from torch import nn
 from biasshift.data.base import ArrayDataset
 from biasshift.models import autoencoder
 from biasshift.monitor.selection import ModuleSpec
-from biasshift.reproduce.base import Analysis, Preset, RunSpec, Settings
+from biasshift.reproduce.base import Analysis, Preset, RunSpec, Settings, register
 from biasshift.reproduce.plotting import figure_title, new_figure, plot_seed_lines
-from biasshift.reproduce.registry import register
 
 __all__ = ["Autoencoder"]
 

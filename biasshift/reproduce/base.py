@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from biasshift.train.trainer import OptimizerFactory, Trainer
 
 __all__ = [
+    "ANALYSES",
     "DATASETS",
     "QUICK_TEST_SIZE",
     "QUICK_TRAIN_SIZE",
@@ -72,6 +73,7 @@ __all__ = [
     "RunSpec",
     "Settings",
     "UsageError",
+    "register",
 ]
 
 TIDY_COLUMNS = ("analysis", "run", "dataset", "activation", "seed", "lr", "epoch", "layer",
@@ -285,3 +287,23 @@ class Analysis:
 
         runs = cache_dir() / "runs"
         return runs / "quick" / self.name if quick else runs / self.name
+
+
+# ----------------------------------------------------------------------------- the registry
+#: every registered analysis by name (filled by the analysis modules; see ``registry``)
+ANALYSES: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    """Add ``analysis`` under ``analysis.name`` (a second one with that name is an error)."""
+    if not analysis.name:
+        raise ValueError(f"{type(analysis).__name__} has no name")
+    old = ANALYSES.get(analysis.name)
+    if old is not None and type(old) is not type(analysis):
+        raise ValueError(f"analysis {analysis.name!r} is registered twice "
+                         f"({type(old).__name__} and {type(analysis).__name__})")
+    for preset in ("paper", "quick"):
+        if preset not in analysis.presets:
+            raise ValueError(f"analysis {analysis.name!r} lacks the {preset!r} preset")
+    ANALYSES[analysis.name] = analysis
+    return analysis

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from biasshift.data.base import ArrayDataset
 from biasshift.models import paper_mlp
-from biasshift.reproduce.base import Analysis, Preset, RunSpec, Settings, UsageError
+from biasshift.reproduce.base import Analysis, Preset, RunSpec, Settings, UsageError, register
 from biasshift.reproduce.plotting import (
     activation_color,
     activation_label,
@@ -38,7 +38,6 @@ from biasshift.reproduce.plotting import (
     new_figure,
     ordered,
 )
-from biasshift.reproduce.registry import register
 from biasshift.train.plugins import Plugin
 from biasshift.train.trainer import Trainer
 

@@ -87,7 +87,15 @@ from biasshift.data.base import ArrayDataset
 from biasshift.fisher.likelihood import FISHER_KINDS
 from biasshift.io import write_csv, write_json
 from biasshift.models import paper_mlp
-from biasshift.reproduce.base import TIDY_COLUMNS, Analysis, Preset, RunSpec, Settings, UsageError
+from biasshift.reproduce.base import (
+    TIDY_COLUMNS,
+    Analysis,
+    Preset,
+    RunSpec,
+    Settings,
+    UsageError,
+    register,
+)
 from biasshift.reproduce.plotting import (
     activation_color,
     activation_label,
@@ -95,7 +103,6 @@ from biasshift.reproduce.plotting import (
     ordered,
     plot_seed_lines,
 )
-from biasshift.reproduce.registry import register
 from biasshift.train.plugins import Plugin
 from biasshift.train.tracking import BiasShiftTracker, StepSchedule, summarize_tracking
 
@@ -140,14 +147,6 @@ _PAPER_OPTIONS: dict[str, Any] = {
 _QUICK_OPTIONS = {**_PAPER_OPTIONS, "track_probe": 256, "per_decade": 4, "track_ung": False}
 
 
-def _ung_available() -> str | None:
-    try:
-        import biasshift.optim  # noqa: F401
-    except ImportError as err:  # pragma: no cover - only while biasshift.optim is missing
-        return str(err)
-    return None
-
-
 class NaturalGradientGap(Analysis):
     name = "natural-gradient-gap"
     figure = "Section 2 (Theorems 1-2), measured"
@@ -186,11 +185,6 @@ class NaturalGradientGap(Analysis):
             raise UsageError(f"option ung_lr={o['ung_lr']!r} must be > 0")
         if not 0 <= o["ung_ema"] < 1:
             raise UsageError(f"option ung_ema={o['ung_ema']!r} must be in [0, 1)")
-        if "ung" in opts:
-            missing = _ung_available()
-            if missing is not None:  # pragma: no cover - only while biasshift.optim is missing
-                raise UsageError(f"the unit natural-gradient optimizer is not available "
-                                 f"({missing}); run with --option optimizers=sgd")
 
     def run_specs(self, settings: Settings) -> list[RunSpec]:
         """activations x optimizers x learning rates (SGD: ``--lr``; UNG: ``ung_lr``) x seeds."""

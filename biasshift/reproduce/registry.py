@@ -1,8 +1,10 @@
 """The registry of analyses: ``ANALYSES[name] -> Analysis``.
 
 Adding an analysis is one new module in :mod:`biasshift.reproduce` that defines an
-:class:`~biasshift.reproduce.base.Analysis` subclass and calls :func:`register` on an instance,
-plus its module name in ``_MODULES`` below (which fixes the order of ``biasshift list``).
+:class:`~biasshift.reproduce.base.Analysis` subclass and calls
+:func:`biasshift.reproduce.base.register` on an instance, plus its module name in ``_MODULES``
+below (which fixes the order of ``biasshift list``).  The analysis modules import only
+:mod:`~biasshift.reproduce.base`, so there is no import loop: this module imports them.
 """
 
 from __future__ import annotations
@@ -10,28 +12,11 @@ from __future__ import annotations
 import importlib
 
 from biasshift._names import unknown_name_error
-from biasshift.reproduce.base import Analysis, UsageError
+from biasshift.reproduce.base import ANALYSES, Analysis, UsageError, register
 
 __all__ = ["ANALYSES", "get_analysis", "register"]
 
-ANALYSES: dict[str, Analysis] = {}
-
 _MODULES = ("activation_median", "median_variance", "autoencoder", "natural_gradient_gap")
-
-
-def register(analysis: Analysis) -> Analysis:
-    """Add ``analysis`` under ``analysis.name`` (a second one with that name is an error)."""
-    if not analysis.name:
-        raise ValueError(f"{type(analysis).__name__} has no name")
-    old = ANALYSES.get(analysis.name)
-    if old is not None and type(old) is not type(analysis):
-        raise ValueError(f"analysis {analysis.name!r} is registered twice "
-                         f"({type(old).__name__} and {type(analysis).__name__})")
-    for preset in ("paper", "quick"):
-        if preset not in analysis.presets:
-            raise ValueError(f"analysis {analysis.name!r} lacks the {preset!r} preset")
-    ANALYSES[analysis.name] = analysis
-    return analysis
 
 
 def get_analysis(name: str) -> Analysis:

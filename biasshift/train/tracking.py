@@ -4,7 +4,10 @@ The ELU paper (Clevert et al., ICLR 2016, Section 2) argues that a unit's *bias 
 change of its mean net input caused by an update, ``Δw₀ + E_p(a)ᵀΔw`` — slows learning, that the
 unit natural gradient corrects it (Theorem 2), and that activations with means near zero bring
 the plain gradient closer to the unit natural gradient.  :class:`BiasShiftTracker` measures
-this on a trainer's actual updates.
+this on a trainer's actual updates.  It is a thin :class:`~biasshift.train.Trainer` plug-in over
+:class:`~biasshift.BiasShiftProbe` (which works in any training loop): the tracker owns the
+schedule, the probe batch drawn from the training data, the learning rates and the table; every
+per-unit value comes from one probe measurement of the step.
 
 At every tracked step (a :class:`StepSchedule` of 1-based optimizer steps), for every unit of
 every ``nn.Linear``/``nn.Conv2d`` layer with a bias, the tracker takes
@@ -14,7 +17,8 @@ every ``nn.Linear``/``nn.Conv2d`` layer with a bias, the tracker takes
 * ``F``: the unit Fisher (the theorem's block ``E_pairs(δ² ã ãᵀ)``, see
   :class:`biasshift.UnitFisher`) on a **fixed probe batch**, of kind ``fisher`` (default
   ``"exact"``: the expectation over the model's own predictive distribution), damped
-  ``F + λI`` with the absolute ``damping`` λ (the bias entry damped too);
+  ``F + λI`` (the bias entry damped too) with ``λ = damping`` (``damping_mode="absolute"``,
+  the default here) or ``λ = damping ×`` the block's mean diagonal (``"relative"``);
 * ``E_p(a)``: the unit's mean incoming vector on the probe (for a conv unit over every
   (sample, position) pair of its unfolded patches);
 
@@ -27,9 +31,15 @@ and records, per unit (``value`` of a tidy row, quantity names as below):
                                    groups: the mean of the previous layer's outputs) and
                                    ``|E_q(a)|`` (per unit; undamped ``b/c``)
 ``s``, ``k``                       Theorem 1's ``s`` and Theorem 2's ``k`` (of ``F + λI``)
+``k_undamped``, ``mean_scale_q``,  the paper's ``k`` of the undamped ``F``,
+``mean_scale_p``                   ``E_q(a)ᵀVar_q(a)⁻¹E_q(a)`` and ``E_p(a)ᵀVar_p(a)⁻¹E_p(a)``
+                                   (NaN where singular, see ``biasshift.fisher.bias_shift_probe``)
+``damping``                        the ``λ`` of the unit's block
 ``grad_norm``                      ``|(g₀, g)|``
 ``cos_grad_ng``                    cos(``g``, ``(F + λI)⁻¹g``): 1 when the gradient already
                                    points along the unit natural gradient
+``cos_ng_uncorrected``             cos(``(F + λI)⁻¹g``, ``F̃⁻¹g``), ``F̃`` without the bias
+                                   coupling (``b = 0``): the turn of Theorem 1's correction
 ``bias_shift_sgd``                 ``g₀ + E_p(a)ᵀg`` — bias shift of the *direction* ``g``
 ``bias_shift_ng``                  ``Δw₀ + E_p(a)ᵀΔw`` for ``(Δw₀, Δw) = (F + λI)⁻¹g``
                                    (Theorem 2's value of the direction)
@@ -64,11 +74,11 @@ Results
 
 Contract (see :mod:`biasshift.train.plugins`)
     Tracking does not change the training trajectory: the model is evaluated on the probe in
-    eval mode (every submodule's flag restored), :class:`~biasshift.UnitFisher` differentiates
-    with respect to layer outputs and never touches ``.grad``, parameters and the batch are only
-    read, and no global random generator is used (``fisher="mc"`` draws from the tracker's own
-    generator, whose state is checkpointed).  Untracked steps cost one set lookup; a tracked
-    step synchronises with the host once (the per-unit values are moved to the CPU).  The state
+    eval mode (every submodule's flag restored), the probe differentiates with respect to layer
+    outputs and never touches ``.grad``, parameters and the batch are only read, and no global
+    random generator is used (``fisher="mc"`` draws from the probe's own generator, whose state
+    is checkpointed).  Untracked steps cost one set lookup; a tracked step synchronises with the
+    host once (:meth:`~biasshift.fisher.bias_shift_probe.Measurement.host`).  The state
     (every recorded value) is part of the trainer's checkpoint, so a resumed run continues the
     table bit-identically.
 
@@ -82,18 +92,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from biasshift.fisher.capture import LayerSelection, LayerSpec, resolve_layers
+from biasshift.fisher.bias_shift_probe import DAMPING_MODES, BiasShiftProbe, Measurement
+from biasshift.fisher.bias_shift_probe import FISHER_QUANTITIES as _PROBE_FISHER
+from biasshift.fisher.capture import LayerSelection, LayerSpec
 from biasshift.fisher.likelihood import FISHER_KINDS
-from biasshift.fisher.unit_fisher import NonFiniteError, UnitFisher
 from biasshift.train.plugins import Plugin
 
 if TYPE_CHECKING:
@@ -111,10 +122,8 @@ __all__ = [
 
 TRACKING_COLUMNS = ("run", "step", "epoch", "layer", "unit", "quantity", "value")
 
-#: per-unit quantities taken from :meth:`biasshift.UnitFisher.report` (same names)
-FISHER_QUANTITIES = ("E_p_delta2", "norm_E_p_a", "norm_E_q_a", "s", "k", "grad_norm",
-                     "cos_grad_ng", "bias_shift_sgd", "bias_shift_ng",
-                     "bias_shift_ng_uncorrected", "ng_mean_term", "ng_bias_term")
+#: per-unit quantities taken from a :class:`~biasshift.BiasShiftProbe` measurement (same names)
+FISHER_QUANTITIES = _PROBE_FISHER
 #: every per-unit quantity, in the order of the table (``cond_F`` only with ``condition=True``)
 UNIT_QUANTITIES = ("mean_net", *FISHER_QUANTITIES, "step_bias_shift_sgd", "step_bias_shift_ng",
                    "step_bias_shift_first_order", "step_bias_shift_measured")
@@ -240,15 +249,6 @@ class StepSchedule:
 
 
 # ============================================================================== the tracker
-def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _restore(modes: dict[nn.Module, bool]) -> None:
-    for m, training in modes.items():
-        m.training = training
-
-
 def _check_number(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (positive and value == 0):
@@ -294,7 +294,10 @@ class BiasShiftTracker(Plugin):
         mc_samples, seed: for ``fisher="mc"`` (the tracker's own generator).
         batch_size: samples per forward pass on the probe (memory).
         memory_budget: bytes per chunk of units in the Fisher solves.
-        dtype: accumulation and computation dtype of the Fisher quantities (float64).
+        damping_mode: ``"absolute"`` (default, ``λ = damping``) or ``"relative"`` (``λ =
+            damping ×`` each block's mean diagonal; see :class:`~biasshift.BiasShiftProbe`).
+        dtype: computation dtype of the Fisher quantities; default the probe's (float32 for a
+            float32 model, float64 for a float64 one).
     """
 
     def __init__(
@@ -304,6 +307,7 @@ class BiasShiftTracker(Plugin):
         *,
         schedule: StepSchedule | Sequence[int] | None = None,
         damping: float = 1e-4,
+        damping_mode: str = "absolute",
         fisher: str = "exact",
         layers: LayerSelection = None,
         likelihood: str | None = None,
@@ -314,7 +318,7 @@ class BiasShiftTracker(Plugin):
         seed: int = 0,
         batch_size: int = 4096,
         memory_budget: int = 2**28,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if fisher not in FISHER_KINDS:
             raise ValueError(f"BiasShiftTracker: fisher must be one of {FISHER_KINDS}, got "
@@ -337,12 +341,17 @@ class BiasShiftTracker(Plugin):
                           ("mc_samples", mc_samples)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"BiasShiftTracker: {name} must be a positive int, got {val!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"BiasShiftTracker: damping_mode must be one of {DAMPING_MODES}, "
+                             f"got {damping_mode!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype)
+                                  or not dtype.is_floating_point):
             raise TypeError(f"BiasShiftTracker: dtype must be a floating dtype, got {dtype!r}")
         self.probe_x_given = probe_x
         self.probe_y_given = probe_y
         self.schedule = schedule
         self.damping = _check_number("damping", damping)
+        self.damping_mode = damping_mode
         self.fisher = fisher
         self.layer_selection = layers
         self.likelihood = likelihood
@@ -366,10 +375,8 @@ class BiasShiftTracker(Plugin):
         self.tracked: frozenset[int] = frozenset()
         self.steps_per_epoch = 0
         self.total_steps = 0
-        self._uf: UnitFisher | None = None
-        self._generator: torch.Generator | None = None
-        self._params: dict[str, tuple[Tensor, Tensor]] = {}
-        self._pending: dict[str, Any] | None = None
+        self._probe: BiasShiftProbe | None = None
+        self._pending: tuple[Any, Measurement, int, int] | None = None
         self._warned_nonfinite = False
         # the table: one entry per tracked step
         self._steps: list[int] = []
@@ -385,59 +392,31 @@ class BiasShiftTracker(Plugin):
         self._steps, self._epochs, self._values, self._lrs = [], [], [], []
         self._pending = None
         self._warned_nonfinite = False
-        self._resolve_layers(model)
         self._resolve_probe(trainer)
         n_train = int(trainer.dataset.train_x.shape[0])
         spe = -(-n_train // trainer.batch_size)
         self.steps_per_epoch = spe
         self.total_steps = spe * trainer.epochs
         self.tracked = self.schedule.resolve(self.total_steps, spe)
-        self._params = {n: (s.module.bias, s.module.weight) for n, s in self.specs.items()}
         likelihood = self.likelihood or ("gaussian" if trainer.loss == "reconstruction"
                                          else "categorical")
         self._likelihood_name = likelihood
-        self._generator = None
-        if self.fisher == "mc":
-            self._generator = torch.Generator(device=trainer.device).manual_seed(self.seed)
-        self._uf = UnitFisher(model, layers=self.layers, fisher=self.fisher,
-                              likelihood=likelihood, mc_samples=self.mc_samples,
-                              generator=self._generator, dtype=self.dtype,
-                              memory_budget=max(self.memory_budget, 1 << 20))
-        # the dry run: one probe pass checks that every layer is called once, with the probe's
-        # batch, and that the output fits the targets
-        modes = _training_flags(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                out = self._mean_net(model, check_output=True)
-        finally:
-            _restore(modes)
-        del out
+        assert self.probe_x is not None and self.probe_y is not None
+        # the probe checks the layers (bias, frozen, called once) and the output in a dry run
+        self._probe = BiasShiftProbe(
+            model, self.probe_x, self.probe_y, fisher=self.fisher, damping=self.damping,
+            damping_mode=self.damping_mode, layers=self.layer_selection, likelihood=likelihood,
+            mc_samples=self.mc_samples, seed=self.seed, dtype=self.dtype,
+            condition=self.condition, batch_size=self.batch_size,
+            memory_budget=self.memory_budget, _owner="BiasShiftTracker")
+        self.specs = dict(self._probe.specs)
+        self.layers = list(self._probe.layers)
+        self.units = list(self._probe.units)
+        self._index = {q: i for i, q in enumerate(self._probe.quantities)}
 
-    def _resolve_layers(self, model: nn.Module) -> None:
-        specs = resolve_layers(model, self.layer_selection)
-        no_bias = [n for n, s in specs.items() if not s.has_bias]
-        if no_bias:
-            if self.layer_selection is not None and not callable(self.layer_selection):
-                raise ValueError(
-                    f"BiasShiftTracker: layer(s) {', '.join(no_bias)} have no bias; the bias "
-                    "shift and Theorems 1-2 need one. Leave them out of layers=[...]")
-            warnings.warn(f"BiasShiftTracker: layers without bias have no bias shift and are "
-                          f"not tracked: {', '.join(no_bias)}", stacklevel=3)
-        specs = {n: s for n, s in specs.items() if s.has_bias}
-        if not specs:
-            raise ValueError("BiasShiftTracker: the model has no nn.Linear/nn.Conv2d layer with "
-                             "a bias to track")
-        frozen = [n for n, s in specs.items()
-                  if not (s.module.weight.requires_grad and s.module.bias.requires_grad)]
-        if frozen:
-            raise ValueError(
-                f"BiasShiftTracker: layer(s) {', '.join(frozen)} have parameters that do not "
-                "require grad (frozen); they get no update to track. Leave them out of "
-                "layers=[...]")
-        self.specs = specs
-        self.layers = list(specs)
-        self.units = [s.units for s in specs.values()]
+    @property
+    def _generator(self) -> torch.Generator | None:
+        return None if self._probe is None else self._probe.generator
 
     def _resolve_probe(self, trainer: Trainer) -> None:
         ds = trainer.dataset
@@ -492,73 +471,10 @@ class BiasShiftTracker(Plugin):
         self.probe_x = px
         self.probe_y = py
 
-    # ------------------------------------------------------------------------- probe passes
-    def _mean_net(self, model: nn.Module, check_output: bool = False) -> dict[str, Tensor]:
-        """Each unit's mean net input on the probe (float64), model as it is (no grad)."""
-        assert self.probe_x is not None
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, int] = dict.fromkeys(self.specs, 0)
-        calls: dict[str, int] = dict.fromkeys(self.specs, 0)
-
-        def make_hook(name: str, spec: LayerSpec) -> Callable[..., None]:
-            def hook(_m: nn.Module, _inp: object, out: object) -> None:
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"BiasShiftTracker: layer {name!r} returned "
-                                    f"{type(out).__name__}, not a tensor")
-                calls[name] += 1
-                o = out.detach()
-                v = o.movedim(1, -1).reshape(-1, spec.units) if spec.kind == "conv2d" \
-                    else o.reshape(-1, spec.units)
-                s = v.sum(0, dtype=torch.float64)
-                sums[name] = s if name not in sums else sums[name] + s
-                counts[name] += v.shape[0]
-
-            return hook
-
-        handles = [s.module.register_forward_hook(make_hook(n, s)) for n, s in self.specs.items()]
-        try:
-            px = self.probe_x
-            M = px.shape[0]
-            for start in range(0, M, self.batch_size):
-                chunk = px[start : start + self.batch_size]
-                n_calls = dict(calls)
-                out = model(chunk)
-                if check_output:
-                    for n in self.specs:
-                        if calls[n] - n_calls[n] != 1:
-                            what = "not called" if calls[n] == n_calls[n] else "called " \
-                                f"{calls[n] - n_calls[n]} times"
-                            raise RuntimeError(
-                                f"BiasShiftTracker: layer {n!r} was {what} in one forward pass "
-                                "of the probe; track layers that are used exactly once "
-                                "(layers=[...])")
-                    if not isinstance(out, Tensor) or out.ndim == 0 or \
-                            out.shape[0] != chunk.shape[0]:
-                        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                        raise ValueError(
-                            f"BiasShiftTracker: the model's output on a probe batch of shape "
-                            f"{tuple(chunk.shape)} is {got}; expected dim 0 = {chunk.shape[0]} "
-                            "samples")
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: sums[n] / counts[n] for n in self.specs}
-
-    def _read_grads(self) -> dict[str, Tensor]:
-        grads = {}
-        for n, (b, w) in self._params.items():
-            if b.grad is None or w.grad is None:
-                raise RuntimeError(
-                    f"BiasShiftTracker: layer {n!r} has no gradient at a tracked step (p.grad is "
-                    "None): does the loss depend on it? Leave it out of layers=[...]")
-            units = w.shape[0]
-            grads[n] = torch.cat([b.grad.detach().reshape(units, 1).to(self.dtype),
-                                  w.grad.detach().reshape(units, -1).to(self.dtype)], dim=1)
-        return grads
-
     def _lr_of(self, optimizer: torch.optim.Optimizer) -> list[float]:
         lrs = []
-        for n, (_b, w) in self._params.items():
+        for n, spec in self.specs.items():
+            w = spec.module.weight
             lr = float("nan")
             for group in optimizer.param_groups:
                 if any(p is w for p in group["params"]):
@@ -576,45 +492,10 @@ class BiasShiftTracker(Plugin):
                        loss: Tensor) -> None:
         if step + 1 not in self.tracked:
             return
-        assert self._uf is not None and self.probe_x is not None and self.probe_y is not None
-        model = trainer.model
-        grads = self._read_grads()
-        modes = _training_flags(model)
-        nan_fisher = False
-        try:
-            model.eval()
-            with torch.no_grad():
-                net_before = self._mean_net(model)
-            uf = self._uf
-            uf.reset()
-            for start in range(0, self.probe_x.shape[0], self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                uf.accumulate(self.probe_x[sl], self.probe_y[sl])
-            try:
-                E_p_a = {n: uf.moments(n, self.dtype).E_p_a for n in self.layers}
-                rep = uf.report(self.damping, gradients=grads, dtype=self.dtype,
-                                layers=self.layers, condition=self.condition,
-                                memory_budget=max(self.memory_budget, 1 << 20))
-            except NonFiniteError as err:
-                nan_fisher = True
-                if not self._warned_nonfinite:
-                    self._warned_nonfinite = True
-                    warnings.warn(f"BiasShiftTracker: step {step + 1}: {err}; the Fisher "
-                                  "quantities of such steps are recorded as NaN", stacklevel=2)
-        finally:
-            _restore(modes)
-        dev = self.probe_x.device
-        if nan_fisher:
-            fisher_vals = torch.full((len(FISHER_QUANTITIES) + int(self.condition),
-                                      sum(self.units)), float("nan"), dtype=torch.float64)
-            E_p_a = {n: torch.full((s.units, s.n), float("nan"), dtype=self.dtype, device=dev)
-                     for n, s in self.specs.items()}
-        else:
-            cols = list(FISHER_QUANTITIES) + (["cond_F"] if self.condition else [])
-            fisher_vals = torch.from_numpy(rep[cols].to_numpy(dtype=np.float64).T.copy())
-        before = {n: (b.detach().clone(), w.detach().clone()) for n, (b, w) in self._params.items()}
-        self._pending = {"step": step + 1, "epoch": trainer.epoch + 1, "net": net_before,
-                         "E_p_a": E_p_a, "before": before, "fisher": fisher_vals}
+        assert self._probe is not None
+        cm = self._probe.measure()
+        m = cm.__enter__()  # reads .grad and the parameters, evaluates the probe
+        self._pending = (cm, m, step + 1, trainer.epoch + 1)
 
     def on_after_step(self, trainer: Trainer, step: int, x: Tensor, y: Tensor,
                       loss: Tensor) -> None:
@@ -622,39 +503,27 @@ class BiasShiftTracker(Plugin):
         if pend is None:
             return
         self._pending = None
-        model = trainer.model
-        modes = _training_flags(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                net_after = self._mean_net(model)
-        finally:
-            _restore(modes)
-        measured, first = [], []
-        for n, (b, w) in self._params.items():
-            b0, w0 = pend["before"][n]
-            units = w.shape[0]
-            db = (b.detach().to(torch.float64) - b0.to(torch.float64)).reshape(units)
-            dw = (w.detach().to(torch.float64) - w0.to(torch.float64)).reshape(units, -1)
-            E_p_a = pend["E_p_a"][n].to(torch.float64)
-            first.append(db + (E_p_a * dw).sum(-1))
-            measured.append(net_after[n] - pend["net"][n])
+        cm, m, tracked_step, epoch = pend
+        cm.__exit__(None, None, None)  # the parameter change and the probe after the step
+        host = m.host()  # the step's one host transfer (raises for a singular block)
+        if m.nonfinite and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"BiasShiftTracker: step {tracked_step}: non-finite activations or δ "
+                          "on the probe (a diverged model); the Fisher quantities of such steps "
+                          "are recorded as NaN", stacklevel=2)
         lrs = torch.tensor(self._lr_of(trainer.optimizer), dtype=torch.float64)
         per_unit_lr = torch.repeat_interleave(lrs, torch.tensor(self.units))
-        host = torch.stack([
-            torch.cat([pend["net"][n] for n in self.layers]),
-            torch.cat(first), torch.cat(measured),
-        ]).cpu()
-        fisher = pend["fisher"]
-        iq = {q: i for i, q in enumerate(FISHER_QUANTITIES)}
-        rows = [host[0], *fisher[: len(FISHER_QUANTITIES)],
-                -per_unit_lr * fisher[iq["bias_shift_sgd"]],
-                -per_unit_lr * fisher[iq["bias_shift_ng"]],
-                host[1], host[2]]
-        if self.condition:
-            rows.append(fisher[len(FISHER_QUANTITIES)])
-        self._steps.append(pend["step"])
-        self._epochs.append(pend["epoch"])
+        iq = self._index
+        rows = []
+        for q in self.quantities:
+            if q == "step_bias_shift_sgd":
+                rows.append(-per_unit_lr * host[iq["bias_shift_sgd"]])
+            elif q == "step_bias_shift_ng":
+                rows.append(-per_unit_lr * host[iq["bias_shift_ng"]])
+            else:
+                rows.append(host[iq[q]])
+        self._steps.append(tracked_step)
+        self._epochs.append(epoch)
         self._values.append(torch.stack(rows).to(torch.float64))
         self._lrs.append(lrs)
 
@@ -675,6 +544,7 @@ class BiasShiftTracker(Plugin):
             "quantities": list(self.quantities),
             "fisher": self.fisher,
             "damping": self.damping,
+            "damping_mode": self.damping_mode,
             "steps": torch.tensor(self._steps, dtype=torch.int64),
             "epochs": torch.tensor(self._epochs, dtype=torch.int64),
             "values": values,
@@ -687,7 +557,8 @@ class BiasShiftTracker(Plugin):
             raise ValueError(f"BiasShiftTracker: unknown state format {state.get('format')!r}")
         mine = {"layers": list(self.layers), "units": list(self.units),
                 "quantities": list(self.quantities), "fisher": self.fisher,
-                "damping": self.damping}
+                "damping": self.damping, "damping_mode": self.damping_mode}
+        state = {"damping_mode": "absolute", **state}  # states saved before damping_mode
         diff = [k for k in mine if (list(state[k]) if isinstance(mine[k], list) else state[k])
                 != mine[k]]
         if self.layers and diff:
@@ -717,7 +588,8 @@ class BiasShiftTracker(Plugin):
             raise ValueError(f"{path} holds {len(found)} {cls.__name__} state(s); no index "
                              f"{index}")
         saved = found[index]
-        tracker = cls(fisher=saved["fisher"], damping=float(saved["damping"]))
+        tracker = cls(fisher=saved["fisher"], damping=float(saved["damping"]),
+                      damping_mode=saved.get("damping_mode", "absolute"))
         tracker.load_state_dict(saved)
         tracker.run = str(state.get("run", "run"))
         return tracker
@@ -731,7 +603,8 @@ class BiasShiftTracker(Plugin):
     def info(self) -> dict[str, Any]:
         """The tracker's settings (for provenance records)."""
         return {
-            "fisher": self.fisher, "damping": self.damping,
+            "fisher": self.fisher, "damping": self.damping, "damping_mode": self.damping_mode,
+            "dtype": None if self._probe is None else str(self._probe.dtype).replace("torch.", ""),
             "probe_size": None if self.probe_x is None else int(self.probe_x.shape[0]),
             "schedule": self.schedule.describe(), "layers": list(self.layers),
             "likelihood": getattr(self, "_likelihood_name", self.likelihood),
