@@ -19,11 +19,14 @@ float32, one thread, the same initial weights and the same batch order for all s
 * ``ours defaults`` — ``UnitNaturalGradient(model, lr)``: relative damping ``ρ = 1e-3``
   (``λ_u = ρ·tr(F̂_u)/m``), KL clip ``κ = 1e-3``, ``update_every=10``, ``inverse_every=100``,
   ``ema=0.95``;
-* ``ours matched`` — the same with ``damping_mode="absolute"``, ``damping=λ`` (ASDL's) and
+* ``ours matched λ`` — the same with ``damping_mode="absolute"``, ``damping=λ`` (ASDL's) and
   ``kl_clip=None``;
-* ``asdl matched`` — ``damping=λ`` (absolute), ``ema_decay = 1 − ema`` (ASDL's decay is the
+* ``asdl matched λ`` — ``damping=λ`` (absolute), ``ema_decay = 1 − ema`` (ASDL's decay is the
   weight of the *new* batch), ``curvature_upd_interval=10`` (= ``update_every``),
   ``preconditioner_upd_interval=100`` (= ``inverse_every``), ``data_size`` = the batch size.
+
+One matched pair per ``--damping`` value λ (default ``1e-3``, the number of our default ``ρ``,
+and ``1e-1``).
 
 What the libraries do differently even when matched (printed with the table):
 
@@ -158,12 +161,7 @@ def build_runs(args: argparse.Namespace, in_features: int, asdl: Any) -> list[Ru
     sgd = torch.optim.SGD(m.parameters(), lr=args.lr)
     runs.append(Run("sgd", m, plain_step(m, sgd), dict(optimizer="torch.optim.SGD", lr=args.lr)))
 
-    for name, kw in (
-        ("ours defaults", {}),
-        ("ours matched", dict(damping=args.damping, damping_mode="absolute", kl_clip=None,
-                              ema=args.ema, update_every=args.update_every,
-                              inverse_every=args.inverse_every)),
-    ):
+    def ours(name: str, **kw: Any) -> None:
         m = copy()
         opt = UnitNaturalGradient(m, lr=args.lr, **kw)
         g = opt.param_groups[0]
@@ -172,26 +170,35 @@ def build_runs(args: argparse.Namespace, in_features: int, asdl: Any) -> list[Ru
         runs.append(Run(name, m, plain_step(m, opt),
                         dict(optimizer="biasshift.optim.UnitNaturalGradient", **cfg)))
 
-    m = copy()
-    cfg = asdl.PreconditioningConfig(
-        data_size=args.batch, damping=args.damping, ema_decay=1.0 - args.ema,
-        curvature_upd_interval=args.update_every, preconditioner_upd_interval=args.inverse_every)
-    gm = asdl.NaturalGradientMaker(m, cfg, fisher_type="fisher_emp", fisher_shape="unit_wise")
-    sgd = torch.optim.SGD(m.parameters(), lr=args.lr)
+    def theirs(name: str, damping: float) -> None:
+        m = copy()
+        cfg = asdl.PreconditioningConfig(
+            data_size=args.batch, damping=damping, ema_decay=1.0 - args.ema,
+            curvature_upd_interval=args.update_every,
+            preconditioner_upd_interval=args.inverse_every)
+        gm = asdl.NaturalGradientMaker(m, cfg, fisher_type="fisher_emp", fisher_shape="unit_wise")
+        sgd = torch.optim.SGD(m.parameters(), lr=args.lr)
 
-    def asdl_step(x: Tensor, y: Tensor) -> Tensor:
-        sgd.zero_grad(set_to_none=True)
-        dummy_y = gm.setup_model_call(m, x)
-        gm.setup_loss_call(F.cross_entropy, dummy_y, y)
-        _, loss = gm.forward_and_backward()
-        sgd.step()
-        return loss.detach()
+        def asdl_step(x: Tensor, y: Tensor) -> Tensor:
+            sgd.zero_grad(set_to_none=True)
+            dummy_y = gm.setup_model_call(m, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+            _, loss = gm.forward_and_backward()
+            sgd.step()
+            return loss.detach()
 
-    runs.append(Run("asdl matched", m, asdl_step, dict(
-        optimizer="asdl.NaturalGradientMaker + torch.optim.SGD", fisher_type="fisher_emp",
-        fisher_shape="unit_wise", lr=args.lr, damping=args.damping, damping_mode="absolute",
-        ema_decay=1.0 - args.ema, curvature_upd_interval=args.update_every,
-        preconditioner_upd_interval=args.inverse_every, data_size=args.batch, kl_clip=None)))
+        runs.append(Run(name, m, asdl_step, dict(
+            optimizer="asdl.NaturalGradientMaker + torch.optim.SGD", fisher_type="fisher_emp",
+            fisher_shape="unit_wise", lr=args.lr, damping=damping, damping_mode="absolute",
+            ema_decay=1.0 - args.ema, curvature_upd_interval=args.update_every,
+            preconditioner_upd_interval=args.inverse_every, data_size=args.batch,
+            kl_clip=None)))
+
+    ours("ours defaults")
+    for lam in args.damping:
+        ours(f"ours matched {lam:g}", damping=lam, damping_mode="absolute", kl_clip=None,
+             ema=args.ema, update_every=args.update_every, inverse_every=args.inverse_every)
+        theirs(f"asdl matched {lam:g}", lam)
     return runs
 
 
@@ -221,6 +228,17 @@ DIFFERENCES = [
 ]
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN/inf (a diverged setting's loss) as ``None`` for strict JSON (``finite`` says why)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="training steps per setting")
@@ -231,8 +249,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--train-size", type=int, default=8192, help="samples in the fixed subset")
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--damping", type=float, default=1e-3,
-                    help="absolute damping of 'asdl matched' and 'ours matched'")
+    ap.add_argument("--damping", type=float, nargs="+", default=[1e-3, 1e-1],
+                    help="absolute dampings of the matched pairs (--quick: the first only)")
     ap.add_argument("--ema", type=float, default=0.95)
     ap.add_argument("--update-every", type=int, default=10)
     ap.add_argument("--inverse-every", type=int, default=100)
@@ -242,6 +260,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps = 50
+        args.damping = args.damping[:1]
         args.eval_every = min(args.eval_every, 25)
     torch.set_num_threads(args.threads)
     asdl = import_asdl()
@@ -272,6 +291,7 @@ def main() -> None:
                     r.last_loss = r.step(xb, yb)
                 except DivergenceError as e:
                     r.stopped = f"DivergenceError at step {s}: {str(e).splitlines()[0]}"
+                    r.curve.append((s, full_loss(r.model, x, y)))
                     break
                 r.times.append(time.perf_counter() - t0)
             # between rounds, outside the timing: a non-finite batch loss ends the setting
@@ -293,8 +313,8 @@ def main() -> None:
     base = runs[0]
     base_med, base_mean = statistics.median(base.times), statistics.fmean(base.times)
     results: dict[str, Any] = {}
-    head = (f"{'setting':14s} {'median ms':>10s} {'x SGD':>6s} {'mean ms':>9s} {'x SGD':>6s} "
-            f"{'max ms':>8s} {'steps':>5s} {'loss 0':>7s} {'loss N':>9s}  finite")
+    head = (f"{'setting':18s} {'median ms':>10s} {'x SGD':>6s} {'mean ms':>9s} {'x SGD':>6s} "
+            f"{'max ms':>8s} {'steps':>5s} {'loss 0':>7s} {'loss end':>9s}  finite")
     print(head)
     for r in runs:
         med = statistics.median(r.times) if r.times else float("nan")
@@ -307,14 +327,16 @@ def main() -> None:
             steps_run=len(r.times), loss_initial=loss0, loss_final=final,
             loss_final_step=r.curve[-1][0], finite=finite, stopped=r.stopped,
             loss_curve=[dict(step=s, loss=v) for s, v in r.curve])
-        print(f"{r.name:14s} {med * 1e3:10.2f} {med / base_med:6.1f} {mean * 1e3:9.2f} "
+        print(f"{r.name:18s} {med * 1e3:10.2f} {med / base_med:6.1f} {mean * 1e3:9.2f} "
               f"{mean / base_mean:6.1f} {max(r.times, default=float('nan')) * 1e3:8.1f} "
-              f"{len(r.times):5d} {loss0:7.4f} {final:9.4g}  {'yes' if finite else 'NO'}")
+              f"{len(r.times):5d} {loss0:7.4f} {final:9.4g}  "
+              + ("yes" if finite else f"NO, stopped at step {r.curve[-1][0]}"))
         if r.stopped:
-            print(f"    stopped: {r.stopped}")
-    print(f"(time per step: median = a step without Fisher update or refresh, mean = all "
-          f"{args.steps} steps; loss = mean cross-entropy on the {x.shape[0]} training samples; "
-          f"{wall:.0f} s of training in all)")
+            print(f"    {r.stopped}")
+    print(f"(time per step: median = a step without Fisher update or refresh, mean = all steps "
+          f"run (of {args.steps}; a setting that stopped early has its first, costliest steps "
+          f"only); loss = mean cross-entropy on the {x.shape[0]} training samples, at the end "
+          f"or where the setting stopped; {wall:.0f} s of training in all)")
     print("differences that remain in the matched settings:")
     for d in DIFFERENCES:
         print(f"  - {d}")
@@ -333,7 +355,7 @@ def main() -> None:
             machine=platform.machine())
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
         os.replace(tmp, args.out)
         print(f"wrote {args.out}")
 
