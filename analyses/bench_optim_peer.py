@@ -170,13 +170,15 @@ def build_runs(args: argparse.Namespace, in_features: int, asdl: Any) -> list[Ru
         runs.append(Run(name, m, plain_step(m, opt),
                         dict(optimizer="biasshift.optim.UnitNaturalGradient", **cfg)))
 
-    def theirs(name: str, damping: float) -> None:
+    def theirs(name: str, damping: float, bias_correct: bool = False) -> None:
         m = copy()
         cfg = asdl.PreconditioningConfig(
             data_size=args.batch, damping=damping, ema_decay=1.0 - args.ema,
             curvature_upd_interval=args.update_every,
             preconditioner_upd_interval=args.inverse_every)
         gm = asdl.NaturalGradientMaker(m, cfg, fisher_type="fisher_emp", fisher_shape="unit_wise")
+        if bias_correct:
+            bias_correct_asdl(gm, args.ema)
         sgd = torch.optim.SGD(m.parameters(), lr=args.lr)
 
         def asdl_step(x: Tensor, y: Tensor) -> Tensor:
@@ -192,14 +194,35 @@ def build_runs(args: argparse.Namespace, in_features: int, asdl: Any) -> list[Ru
             fisher_shape="unit_wise", lr=args.lr, damping=damping, damping_mode="absolute",
             ema_decay=1.0 - args.ema, curvature_upd_interval=args.update_every,
             preconditioner_upd_interval=args.inverse_every, data_size=args.batch,
-            kl_clip=None)))
+            kl_clip=None, bias_corrected_inverse=bias_correct)))
 
     ours("ours defaults")
     for lam in args.damping:
         ours(f"ours matched {lam:g}", damping=lam, damping_mode="absolute", kl_clip=None,
              ema=args.ema, update_every=args.update_every, inverse_every=args.inverse_every)
         theirs(f"asdl matched {lam:g}", lam)
+        if args.asdl_bias_correction:
+            theirs(f"asdl+bc matched {lam:g}", lam, bias_correct=True)
     return runs
+
+
+def bias_correct_asdl(gm: Any, ema: float) -> None:
+    """Make ASDL invert the bias-corrected EMA, as ours does: ``F / (1 − ema^k)`` after ``k``
+    Fisher updates (its running Fisher is scaled up for the inversion and back after it)."""
+    update_curvature, update_preconditioner = gm.update_curvature, gm.update_preconditioner
+    updates = [0]
+
+    def counted() -> None:
+        update_curvature()
+        updates[0] += 1
+
+    def corrected() -> None:
+        c = 1.0 / (1.0 - ema ** max(updates[0], 1))
+        gm._scale_fisher(c)
+        update_preconditioner()
+        gm._scale_fisher(1.0 / c)
+
+    gm.update_curvature, gm.update_preconditioner = counted, corrected
 
 
 def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], Tensor]:
@@ -251,6 +274,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--damping", type=float, nargs="+", default=[1e-3, 1e-1],
                     help="absolute dampings of the matched pairs (--quick: the first only)")
+    ap.add_argument("--asdl-bias-correction", action="store_true",
+                    help="add 'asdl+bc' rows: ASDL inverting the bias-corrected EMA (as ours)")
     ap.add_argument("--ema", type=float, default=0.95)
     ap.add_argument("--update-every", type=int, default=10)
     ap.add_argument("--inverse-every", type=int, default=100)
@@ -313,7 +338,7 @@ def main() -> None:
     base = runs[0]
     base_med, base_mean = statistics.median(base.times), statistics.fmean(base.times)
     results: dict[str, Any] = {}
-    head = (f"{'setting':18s} {'median ms':>10s} {'x SGD':>6s} {'mean ms':>9s} {'x SGD':>6s} "
+    head = (f"{'setting':20s} {'median ms':>10s} {'x SGD':>6s} {'mean ms':>9s} {'x SGD':>6s} "
             f"{'max ms':>8s} {'steps':>5s} {'loss 0':>7s} {'loss end':>9s}  finite")
     print(head)
     for r in runs:
@@ -327,7 +352,7 @@ def main() -> None:
             steps_run=len(r.times), loss_initial=loss0, loss_final=final,
             loss_final_step=r.curve[-1][0], finite=finite, stopped=r.stopped,
             loss_curve=[dict(step=s, loss=v) for s, v in r.curve])
-        print(f"{r.name:18s} {med * 1e3:10.2f} {med / base_med:6.1f} {mean * 1e3:9.2f} "
+        print(f"{r.name:20s} {med * 1e3:10.2f} {med / base_med:6.1f} {mean * 1e3:9.2f} "
               f"{mean / base_mean:6.1f} {max(r.times, default=float('nan')) * 1e3:8.1f} "
               f"{len(r.times):5d} {loss0:7.4f} {final:9.4g}  "
               + ("yes" if finite else f"NO, stopped at step {r.curve[-1][0]}"))

@@ -176,3 +176,51 @@ def test_asdl_moving_average_is_ours_without_bias_correction() -> None:
             their = theirs.get_submodule(name).fisher.unit.data
             assert torch.allclose(their, (1 - ema**k) * mine, rtol=1e-9, atol=1e-14), (k, name)
             assert not torch.allclose(their, mine, rtol=1e-3), (k, name)
+
+
+def bias_corrected(gm, ema: float):
+    """ASDL inverting ``F / (1 − ema^k)`` (as ``bias_correct_asdl`` in bench_optim_peer.py)."""
+    update_curvature, update_preconditioner = gm.update_curvature, gm.update_preconditioner
+    updates = [0]
+
+    def counted() -> None:
+        update_curvature()
+        updates[0] += 1
+
+    def corrected() -> None:
+        c = 1.0 / (1.0 - ema ** max(updates[0], 1))
+        gm._scale_fisher(c)
+        update_preconditioner()
+        gm._scale_fisher(1.0 / c)
+
+    gm.update_curvature, gm.update_preconditioner = counted, corrected
+    return gm
+
+
+def test_asdl_with_bias_correction_takes_our_steps_with_a_moving_average() -> None:
+    """With the EMA's bias correction added, ASDL (``ema_decay = 1 − ema``) and ours (``ema``)
+    take the same steps: the bias correction is the whole difference of their averages."""
+    ema, damping, lr = 0.8, 1e-2, 0.3
+    theirs, ours = tiny(9), tiny(9)
+    gm = bias_corrected(asdl_maker(theirs, damping, ema_decay=1 - ema), ema)
+    sgd = torch.optim.SGD(theirs.parameters(), lr=lr)
+    opt = UnitNaturalGradient(ours, lr=lr, damping=damping, damping_mode="absolute", ema=ema,
+                              kl_clip=None, update_every=1, inverse_every=1)
+    plain = tiny(9)  # ASDL as shipped, for contrast
+    gm_plain = asdl_maker(plain, damping, ema_decay=1 - ema)
+    sgd_plain = torch.optim.SGD(plain.parameters(), lr=lr)
+    start = _flat(ours)
+    for step in range(5):
+        x, y = batch(30 + step)
+        asdl_direction(gm, theirs, x, y)
+        sgd.step()
+        asdl_direction(gm_plain, plain, x, y)
+        sgd_plain.step()
+        loss = F.cross_entropy(ours(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        a, b = _flat(theirs), _flat(ours)
+        moved = (b - start).abs().max()
+        assert (a - b).abs().max() <= 1e-8 * moved, f"step {step}: {(a - b).abs().max():.3g}"
+    assert (_flat(plain) - _flat(ours)).abs().max() > 1e-2 * moved
