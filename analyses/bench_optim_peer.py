@@ -26,7 +26,10 @@ float32, one thread, the same initial weights and the same batch order for all s
   ``preconditioner_upd_interval=100`` (= ``inverse_every``), ``data_size`` = the batch size.
 
 One matched pair per ``--damping`` value λ (default ``1e-3``, the number of our default ``ρ``,
-and ``1e-1``).
+and ``1e-1``).  ``--asdl-bias-correction`` adds ``asdl+bc matched λ``: ASDL inverting the
+bias-corrected moving average ``F / (1 − ema^k)`` as ours does (a wrapper around its
+``update_preconditioner``; ``tests/test_optim_peer.py`` shows that with it, refreshed every
+step, ASDL takes our steps exactly).
 
 What the libraries do differently even when matched (printed with the table):
 
@@ -45,10 +48,11 @@ without an update or refresh), the mean (updates and refreshes amortised over th
 schedule), both also as ratios to SGD's; the mean cross-entropy on the whole training subset
 before training and after ``--steps`` steps, and whether it stayed finite.  A setting that
 diverges (a :class:`~biasshift.optim.DivergenceError` from ours, a non-finite loss at a check for
-any) stops there and is reported as such.
+any) stops there and is reported as such (ours leaves a non-finite direction out of the
+parameters and raises at the next refresh; ASDL goes on with NaN weights).
 
-    python analyses/bench_optim_peer.py                 # 300 steps (about 3 minutes on a CPU)
-    python analyses/bench_optim_peer.py --quick         # 50 steps
+    python analyses/bench_optim_peer.py                 # 300 steps (4 min on 2 loaded cores)
+    python analyses/bench_optim_peer.py --quick         # 50 steps, the first damping only
     python analyses/bench_optim_peer.py --out runs/bench_optim_peer.json
 """
 
