@@ -15,8 +15,9 @@ gradient by ``(F_u + λI)⁻¹`` with ``torch.inverse``.  What these tests estab
   refreshes every step the two optimisers take the same steps (to rounding).
 * Its moving average is *not* bias-corrected: ASDL's ``ema_decay`` is the weight of the new
   batch (``1 − ema`` in our terms) and its first value is ``ema_decay · F₁``, so after ``k``
-  updates its Fisher is ``(1 − ema^k)`` times our bias-corrected one.  The benchmark
-  (``analyses/bench_optim_peer.py``) states this difference.
+  updates its Fisher is ``(1 − ema^k)`` times our bias-corrected one.  With that correction
+  added to its inversions, ASDL takes our steps with a moving average too: it is the whole
+  difference.  The benchmark (``analyses/bench_optim_peer.py``) states it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _stub_nvtx() -> None:
     torch.cuda.nvtx.range_pop = lambda *a, **k: None  # type: ignore[assignment]
 
 
-_stub_nvtx()
 asdl = pytest.importorskip("asdl")
+_stub_nvtx()  # before ASDL's first call (its decorators only call nvtx when run)
 
 DT = torch.float64
 N = 16
