@@ -655,3 +655,34 @@ def test_cuda_steps_do_not_synchronise() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(opt.fisher("0")).all()
+
+
+def test_conv1d_step_equals_dense_damped_solve() -> None:
+    """A Conv1d layer (a new adapter): every (sample, position) is a row, ``δ`` from autograd
+    on the layer output and ``ã`` the input window of that position, built by hand."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.ELU(), nn.Flatten(),
+                          nn.Linear(4 * 5, 3)).to(F64)
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(8, 2, 9, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    conv = model[0]
+    out = conv(x)
+    ll = sum(log_lik("categorical", o, t) for o, t in zip(model[1:](out), y))
+    (delta,) = torch.autograd.grad(ll, [out])  # (N, units, L) = ∂ ln p / ∂net
+    xp = F.pad(x, (1, 1))
+    rows_a, rows_d = [], []
+    for n in range(8):
+        for pos in range(out.shape[-1]):
+            window = xp[n, :, 2 * pos:2 * pos + 3].reshape(-1)
+            rows_a.append(torch.cat([torch.ones(1, dtype=F64), window]))
+            rows_d.append(delta[n, :, pos])
+    A, D = torch.stack(rows_a), torch.stack(rows_d)  # (rows, n1), (rows, units)
+    Fu = torch.einsum("ru,ri,rj->uij", D**2, A, A) / 8
+    grad = -torch.einsum("ru,ri->ui", D, A) / 8
+    before = unit_params(conv)
+    lr, damping = 0.1, 1e-3
+    opt = UnitNaturalGradient(model, lr=lr, damping=damping, ema=0.0, inverse_every=1, **EXACT)
+    train_step(model, opt, x, y)
+    assert rel_err(opt.fisher("0"), Fu) < 1e-10
+    assert rel_err(unit_params(conv), before - lr * solve(Fu, grad, damping)) < 1e-10

@@ -7,7 +7,7 @@ gradient of ``(g₀, g)`` is (Theorem 1)::
     s = (c − bᵀA⁻¹b)⁻¹,   Δw₀ = s (g₀ − bᵀA⁻¹g),   Δw = A⁻¹g − Δw₀ A⁻¹b,
 
 which is the vector ``F⁻¹(g₀, g)``.  :class:`UnitNaturalGradient` keeps a running (EMA)
-empirical unit Fisher per unit of every ``nn.Linear``/``nn.Conv2d`` layer
+empirical unit Fisher per unit of every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layer
 (:mod:`biasshift.optim.running_fisher`), damps it, factors it by Cholesky
 (:mod:`biasshift.optim.block_solve`: the whole block, so nothing cancels) and moves every unit's
 ``(bias, weight)`` along ``d = (F̂ + λI)⁻¹ (g₀, g)``.  Every other parameter gets plain SGD.
@@ -186,7 +186,7 @@ class _Layer:
 class UnitNaturalGradient(torch.optim.Optimizer):
     r"""Precondition every unit's ``(bias, weight)`` gradient by its damped unit Fisher.
 
-    The direction of unit ``u`` of a ``nn.Linear``/``nn.Conv2d`` layer is
+    The direction of unit ``u`` of a ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layer is
     ``d_u = (F̂_u + λ_u I)⁻¹ (g₀, g)_u``, Theorem 1's unit natural gradient of the damped
     block, with ``F̂_u`` the bias-corrected exponential moving average of the empirical unit
     Fisher of the training batches.  Each param group scales its natural directions by the
