@@ -71,6 +71,8 @@ def select_modules(
     wanted: set[str] = set()
     for item in spec:
         if isinstance(item, str):
+            if item not in named and item.startswith("module.") and item[7:] in named:
+                item = item[7:]  # a DDP/DataParallel name, given for the wrapped module
             if item not in named:
                 raise unknown_name_error(kind, item, list(named))
             wanted.add(item)

@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from biasshift import distributed as _dist
 from biasshift._names import unknown_name_error
 from biasshift.hooks import Trace
 from biasshift.monitor.histogram import HistogramSpec, histogram_frame
@@ -144,8 +145,9 @@ class ActivationMonitor:
         if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
             raise ValueError(f"buffer_bytes must be a non-negative int, got {buffer_bytes!r}")
         self.model = model
-        self._modules = resolve_modules(model, modules)
-        self._rules = resolve_unit_dims(model, self._modules, unit_dim)
+        inner = _dist.unwrap_model(model)  # DDP: the names of the wrapped module
+        self._modules = resolve_modules(inner, modules)
+        self._rules = resolve_unit_dims(inner, self._modules, unit_dim)
         self.histogram = HistogramSpec.coerce(histogram)
         self.compute_dtype = compute_dtype
         self.buffer_bytes = buffer_bytes
@@ -246,25 +248,43 @@ class ActivationMonitor:
     def _seen(self) -> list[str]:
         return [n for n in self._modules if n in self._acc]
 
-    def stats(self) -> pd.DataFrame:
+    def _states(self, sync: bool | None, process_group: Any, *, hist: bool
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """The states (and histogram counts) to report: this rank's, or with an active process
+        group (:func:`biasshift.distributed.sync_group`) all ranks' merged."""
+        names = self._seen()
+        states = {n: self._acc[n].state() for n in names}
+        hists = ({n: self._acc[n].histogram_counts() for n in names}
+                 if hist and self.histogram is not None else None)
+        group = _dist.sync_group(sync, process_group)
+        if group is None:
+            return states, hists
+        slots = self.histogram.bins + 2 if self.histogram is not None else 0
+        return _dist.merge_running_states(self.modules, states, hists, group, hist_slots=slots)
+
+    def stats(self, *, sync: bool | None = None, process_group: Any = None) -> pd.DataFrame:
         """One row per (module, unit): ``module, unit`` and :data:`STAT_COLUMNS`.
 
         ``var`` is the population variance (``M2 / count``). Modules that were never called have
-        no rows; before any forward pass the frame is empty (with these columns).
+        no rows; before any forward pass the frame is empty (with these columns). Under
+        ``torch.distributed`` the statistics of all ranks together (``sync=False``: this
+        rank's; see the module docstring).
         """
-        names = self._seen()
-        states = {n: self._acc[n].state() for n in names}
+        states, _ = self._states(sync, process_group, hist=False)
         return _stats_frame([({}, states)])
 
-    def histograms(self, *, aggregate: bool = False) -> pd.DataFrame:
+    def histograms(self, *, aggregate: bool = False, sync: bool | None = None,
+                   process_group: Any = None) -> pd.DataFrame:
         """Per-unit histograms: ``module, unit, bin, bin_left, bin_right, count``.
 
         ``bin`` -1 is the underflow bin ``(-inf, lo)``, ``bins`` the overflow bin ``[hi, inf)``.
         With ``aggregate=True`` the counts are summed over each module's units (no ``unit``).
+        Under ``torch.distributed`` all ranks' counts are summed (``sync=False``: this rank's).
         """
         spec = self._require_histogram()
-        counts = _to_numpy({n: self._acc[n].histogram_counts() for n in self._seen()})
-        return histogram_frame(counts, spec, aggregate=aggregate)
+        _, hists = self._states(sync, process_group, hist=True)
+        assert hists is not None
+        return histogram_frame(_to_numpy(hists), spec, aggregate=aggregate)
 
     def _require_histogram(self) -> HistogramSpec:
         if self.histogram is None:
@@ -273,7 +293,8 @@ class ActivationMonitor:
         return self.histogram
 
     # -- history ------------------------------------------------------------------------------
-    def snapshot(self, *, to: str | os.PathLike[str] | None = None, **tags: Any) -> None:
+    def snapshot(self, *, to: str | os.PathLike[str] | None = None, sync: bool | None = None,
+                 process_group: Any = None, **tags: Any) -> None:
         """Append the current statistics, labelled with ``tags`` (e.g. ``epoch=3, step=1200``).
 
         The snapshot stays on the device (no synchronisation); :meth:`history` converts it.
@@ -296,6 +317,9 @@ class ActivationMonitor:
                 synchronisation, like :meth:`stats`); each snapshot is one write, so memory
                 stays flat however long the run. Read the file back with
                 ``pandas.read_csv(to, dtype={"module": str})``.
+            sync, process_group: under ``torch.distributed`` the snapshot holds all ranks'
+                statistics together (a collective at each call; every rank must call it);
+                ``sync=False`` keeps this rank's (see the module docstring).
         """
         for key, value in tags.items():
             if key in _RESERVED_TAGS:
@@ -311,13 +335,13 @@ class ActivationMonitor:
             elif not (value is None or isinstance(value, (str, numbers.Number))):
                 raise TypeError(f"snapshot tag {key!r} must be a scalar or string, got "
                                 f"{type(value).__name__}")
-        names = self._seen()
+        states, hists = self._states(sync, process_group, hist=True)
         dev = self.history_device
         entry: dict[str, Any] = {
             "tags": dict(tags),
-            "state": {n: _to_device(self._acc[n].state(), dev) for n in names},
-            "hist": ({n: _to_device(self._acc[n].histogram_counts(), dev) for n in names}
-                     if self.histogram is not None else None),
+            "state": {n: _to_device(t, dev) for n, t in states.items()},
+            "hist": ({n: _to_device(t, dev) for n, t in hists.items()}
+                     if hists is not None else None),
         }
         if to is not None:
             self._spill(entry, Path(to))

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from biasshift import distributed as _dist
 from biasshift._names import unknown_name_error
 from biasshift._torch import model_device
 from biasshift.hooks import Trace, eval_mode
@@ -151,6 +153,8 @@ def probe_statistics(
     *,
     batch_size: int | None = 4096,
     medians: bool = True,
+    sync: bool | None = None,
+    process_group: Any = None,
 ) -> ProbeStatistics:
     """Run ``model`` in eval mode without gradients over ``probe``; return per-unit mean and median.
 
@@ -165,6 +169,12 @@ def probe_statistics(
         medians: keep every activation to compute exact medians (memory: all probe activations).
             With ``False`` only per-unit float64 sums are kept (streaming, constant memory) and
             ``median`` is empty; the means are the same.
+        sync, process_group: under ``torch.distributed`` (see :mod:`biasshift.distributed`)
+            each rank runs its own ``probe`` shard and the statistics are those of all ranks'
+            samples together, the same on every rank: the float64 sums and counts are
+            all-reduced and, for the medians, every rank's values are all-gathered (the
+            exact median of the union). ``sync=False``: this rank's statistics. Every rank
+            needs a non-empty probe shard.
 
     Every call of a monitored module contributes its outputs; for conv outputs every position is a
     sample of its channel.  Activations are kept in float32 (float64 stays float64) until the end.
@@ -172,6 +182,7 @@ def probe_statistics(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    model = _dist.unwrap_model(model)  # DDP: our passes run on the wrapped module
     chosen = resolve_modules(model, modules)
     rules = resolve_unit_dims(model, chosen, unit_dim)
     # per module: running float64 sums of the finite values, their counts, the row count, the
@@ -237,6 +248,10 @@ def probe_statistics(
             raise RuntimeError(
                 f"module {n!r} was never called while running the probe; is it part of the forward?"
             )
+    group = _dist.sync_group(sync, process_group)
+    if group is not None:
+        _sync_probe(chosen, sums, store if medians else None, group)
+    for n in chosen:
         total, count, n_rows, dtype = sums[n]
         mean[n] = (total / count).to(dtype)  # 0/0 -> NaN for a unit with no finite value
         nonfinite[n] = n_rows - count
@@ -246,3 +261,27 @@ def probe_statistics(
             median[n] = exact_median(parts[0] if len(parts) == 1 else torch.cat(parts), dim=0)
             del parts
     return ProbeStatistics(mean=mean, median=median, nonfinite=nonfinite, samples=samples)
+
+
+def _sync_probe(names: list[str], sums: dict[str, tuple[Tensor, Tensor, int, torch.dtype]],
+                store: dict[str, list[Tensor]] | None, group: Any) -> None:
+    """Replace every rank's sums (and stored values) by those of all ranks, in place.
+
+    One all-reduce of the float64 sums, counts and row counts of every module; with medians,
+    per module an all-gather of the (NaN-padded) values, in rank order.
+    """
+    units = [sums[n][0].numel() for n in names]
+    _dist.check_same(units, group, "the probed modules' unit counts")
+    flat = torch.cat([torch.cat([sums[n][0], sums[n][1].to(torch.float64),
+                                 sums[n][0].new_tensor([float(sums[n][2])])]) for n in names])
+    total = _dist.all_reduce(flat, group)
+    start = 0
+    for n, u in zip(names, units):
+        part = total[start: start + 2 * u + 1]
+        start += 2 * u + 1
+        sums[n] = (part[:u], part[u: 2 * u].round().to(torch.int64), int(part[2 * u]),
+                   sums[n][3])
+        if store is not None:
+            parts = store[n]
+            local = parts[0] if len(parts) == 1 else torch.cat(parts)
+            store[n] = _dist.all_gather_rows(local, group, fill=float("nan"))

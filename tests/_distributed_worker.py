@@ -1,0 +1,119 @@
+"""Workers of tests/test_distributed.py: each runs in one of 2 gloo processes (spawned).
+
+Every scenario builds the same model and the same global data on every rank (fixed seeds),
+takes its rank's shard (uneven on purpose), and saves what it measured to
+``<out>/<scenario>.<rank>.pt``; the test compares those with single-process references over
+the union of the shards, computed in the parent process by the ``reference_*`` functions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+WORLD = 2
+
+
+def model(seed: int = 0) -> nn.Module:
+    """A small conv + MLP net in float64 (conv units: channels; MLP units: features)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ELU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(),
+        nn.Linear(7, 4),
+    ).double()
+
+
+def batches(nan: bool = True) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per rank a list of (inputs, targets) batches: rank 0 three batches of 5, 3, 4 samples,
+    rank 1 two of 6 and 1; with ``nan``, one input of rank 1 holds a NaN."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [[5, 3, 4], [6, 1]]
+    out = []
+    for r, ss in enumerate(sizes):
+        shard = []
+        for s in ss:
+            x = torch.randn(s, 1, 6, 6, generator=g, dtype=torch.float64) + 0.5
+            y = torch.randint(0, 4, (s,), generator=g)
+            shard.append((x, y))
+        if nan and r == 1:
+            shard[0][0][2, 0, 1, 1] = float("nan")
+        out.append(shard)
+    return out
+
+
+def probe_shards() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(9, 1, 6, 6, generator=g, dtype=torch.float64),
+            torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)]
+
+
+# -- what each scenario measures (run on a rank, or on one process for the references) ------------
+def measure_monitor(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, sync: Any,
+                    probe: list[torch.Tensor]) -> dict[str, Any]:
+    from biasshift import ActivationMonitor, probe_statistics
+
+    net = model()
+    wrapped = net
+    if dist.is_initialized() and sync is not False:
+        wrapped = nn.parallel.DistributedDataParallel(net)  # names with a `module.` prefix
+    mon = ActivationMonitor(wrapped, histogram=dict(bins=8, range=(-2.0, 2.0)))
+    with mon:
+        for shard in shards:
+            for x, _ in shard:
+                with torch.no_grad():
+                    net(x)
+    kw = {} if sync is None else {"sync": sync}
+    mon.snapshot(epoch=0, **kw)
+    ps = probe_statistics(wrapped, torch.cat(probe), ["1", "module.4"], **kw)
+    return {
+        "stats": mon.stats(**kw),
+        "hist": mon.histograms(**kw),
+        "history": mon.history(),
+        "probe": ps.to_frame(),
+    }
+
+
+def run_scenario(name: str) -> dict[str, Any]:
+    r = dist.get_rank()
+    parts = batches()
+    probe = probe_shards()
+    if name == "monitor":
+        return measure_monitor([parts[r]], sync=None, probe=[probe[r]])
+    if name == "monitor_local":
+        return measure_monitor([parts[r]], sync=False, probe=[probe[r]])
+    if name == "traffic":
+        from biasshift import ActivationMonitor
+        from biasshift.distributed import record_traffic
+
+        net = model()
+        mon = ActivationMonitor(net)
+        with mon, torch.no_grad():
+            for x, _ in parts[r]:
+                net(x)
+        with record_traffic() as t:
+            mon.stats()
+        return {"bytes": t.bytes, "calls": t.calls}
+    raise KeyError(name)
+
+
+def worker(rank: int, out: str, scenarios: list[str], init: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        for name in scenarios:
+            try:
+                res: Any = run_scenario(name)
+            except Exception:  # the test shows the rank's traceback
+                res = {"error": traceback.format_exc()}
+            torch.save(res, Path(out) / f"{name}.{rank}.pt")
+    finally:
+        dist.destroy_process_group()
