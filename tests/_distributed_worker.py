@@ -80,6 +80,29 @@ def measure_monitor(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, sy
     }
 
 
+def measure_fisher(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, sync: Any,
+                   dense_budget: int = 4 * 2**30) -> dict[str, Any]:
+    """UnitFisher of the conv (folded into dense sums with the default budget) and linear
+    (factors) layers, every reader."""
+    from biasshift import UnitFisher
+
+    net = model()
+    uf = UnitFisher(net, fisher="exact", dense_budget=dense_budget)
+    for shard in shards:
+        for x, y in shard:
+            uf.accumulate(x, y)
+    kw = {} if sync is None else {"sync": sync}
+    out: dict[str, Any] = {"dense": {n: st.is_dense for n, st in uf._stores.items()}}
+    for n in uf.layers:
+        out[f"matrix/{n}"] = uf.matrix(n, **kw)
+        out[f"pairs/{n}"] = uf.matrix(n, positions="pairs", **kw)
+        out[f"gradient/{n}"] = uf.gradient(n, **kw)
+        out[f"E_p_a/{n}"] = uf.moments(n, **kw).E_p_a
+        out[f"blocks/{n}"] = torch.cat([b for _, b in uf.blocks(n, **kw)])
+    out["report"] = uf.report(damping=1e-3, **kw)
+    return out
+
+
 def run_scenario(name: str) -> dict[str, Any]:
     r = dist.get_rank()
     parts = batches()
@@ -88,6 +111,26 @@ def run_scenario(name: str) -> dict[str, Any]:
         return measure_monitor([parts[r]], sync=None, probe=[probe[r]])
     if name == "monitor_local":
         return measure_monitor([parts[r]], sync=False, probe=[probe[r]])
+    if name == "fisher":
+        return measure_fisher([batches(nan=False)[r]], sync=None)
+    if name == "fisher_factors":
+        return measure_fisher([batches(nan=False)[r]], sync=None, dense_budget=0)
+    if name == "fisher_local":
+        return measure_fisher([batches(nan=False)[r]], sync=False)
+    if name == "fisher_nan":
+        from biasshift import UnitFisher
+
+        uf = UnitFisher(model(), fisher="empirical")
+        for x, y in parts[r]:
+            uf.accumulate(x, y)
+        errors = []
+        for sync in (None, False):
+            try:
+                uf.report(damping=1e-3, sync=sync)
+                errors.append(None)
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        return {"errors": errors}
     if name == "traffic":
         from biasshift import ActivationMonitor
         from biasshift.distributed import record_traffic

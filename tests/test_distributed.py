@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available")]
 
-SCENARIOS = ["monitor", "monitor_local", "traffic"]
+SCENARIOS = ["monitor", "monitor_local", "traffic", "fisher", "fisher_factors", "fisher_local",
+             "fisher_nan"]
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,35 @@ def test_traffic_of_a_monitor_sync(ranks):
         # unit counts (2 modules x 2 int64), the float64 states: 72 bytes per unit
         assert got["bytes"] == 2 * 2 * 8 + 72 * units
         assert got["calls"] == 2
+
+
+def _same_fisher(got: dict, ref: dict, rtol: float) -> None:
+    for k, v in ref.items():
+        if k == "dense":
+            continue
+        if isinstance(v, pd.DataFrame):
+            _close(got[k], v, rtol=rtol)
+        else:
+            torch.testing.assert_close(got[k], v, rtol=rtol, atol=1e-14, msg=k)
+
+
+@pytest.mark.parametrize("scenario,budget", [("fisher", 4 * 2**30), ("fisher_factors", 0)])
+def test_unit_fisher_equals_the_union_on_every_rank(ranks, scenario, budget):
+    ref = W.measure_fisher(W.batches(nan=False), sync=None, dense_budget=budget)
+    if budget:  # both storage forms are exercised: the conv layer folded, the linear not
+        assert ranks[scenario][0]["dense"] == {"0": True, "3": False, "5": False}
+    for got in ranks[scenario]:
+        _same_fisher(got, ref, rtol=1e-9)
+    a, b = ranks[scenario]
+    pd.testing.assert_frame_equal(a["report"], b["report"])
+
+
+def test_unit_fisher_sync_false_and_nonfinite_on_one_rank(ranks):
+    parts = W.batches(nan=False)
+    for r, got in enumerate(ranks["fisher_local"]):
+        _same_fisher(got, W.measure_fisher([parts[r]], sync=None), rtol=0)
+    # rank 1's NaN poisons nothing: both ranks refuse the combined statistics with the same
+    # error; rank 0's own statistics stay readable
+    (e0, l0), (e1, l1) = (g["errors"] for g in ranks["fisher_nan"])
+    assert e0 is not None and e0 == e1 and e0.startswith("NonFiniteError")
+    assert l0 is None and l1 is not None

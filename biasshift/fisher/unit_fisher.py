@@ -50,6 +50,18 @@ Memory
     ``dense_budget`` bytes (see :mod:`biasshift.fisher.storage`).  Blocks are built chunk by chunk
     on demand, chunk sizes chosen from ``memory_budget`` bytes.
 
+Distributed (``torch.distributed``, DDP)
+    Every reader (``matrix``, ``blocks``, ``moments``, ``gradient``, ``natural_gradient``,
+    ``quantities``, ``report``) returns, when ``torch.distributed`` is initialised, the
+    statistics of all ranks' accumulated samples together, the same on every rank: the running
+    sums, counts and non-finite flags are all-reduced and the blocks either all-gathered as
+    factors (while all ranks' factors together are smaller than the dense sums) or reduced as
+    dense sums (:mod:`biasshift.distributed`). The combined statistics are cached until some
+    rank accumulates again (each read costs one 8-byte all-reduce to check). ``sync=False``
+    reads this rank's statistics, ``process_group=`` a sub-group's. ``accumulate`` never
+    communicates; a DDP-wrapped model is unwrapped (its ``module.`` prefix dropped) so that
+    its forward passes do not go through DDP's gradient reducer. ``n_samples`` is this rank's.
+
 BatchNorm
     A BatchNorm layer in training mode (or without running statistics) makes samples interact,
     so per-sample gradients do not exist; such models are refused unless ``batchnorm="eval"``,
@@ -69,9 +81,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from biasshift import distributed as _dist
 from biasshift._names import unknown_name_error
 from biasshift._torch import model_device
-from biasshift.fisher.blocks import chunk_units
+from biasshift.fisher.blocks import chunk_units, pair_gram, true_gram
 from biasshift.fisher.capture import (
     Capture,
     LayerSelection,
@@ -208,6 +221,7 @@ class UnitFisher:
         for name, val in (("memory_budget", memory_budget), ("dense_budget", dense_budget)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise ValueError(f"{name} must be a number of bytes (int >= 0), got {val!r}")
+        model = _dist.unwrap_model(model)
         self.model = model
         self.fisher = fisher
         self.likelihood = make_likelihood(likelihood)
@@ -222,6 +236,9 @@ class UnitFisher:
         self.output_transform = output_transform
         self.specs: dict[str, LayerSpec] = resolve_layers(model, layers)
         self._stores = {n: LayerStore(s, self.dtype) for n, s in self.specs.items()}
+        self._version = 0  # bumped by every change of the statistics
+        self._sync_view = False  # True for the combined statistics of all ranks
+        self._sync_cache: tuple[Any, int, UnitFisher] | None = None
         self._reset_flags()
 
     # ------------------------------------------------------------------------------ basics
@@ -240,6 +257,7 @@ class UnitFisher:
         for st in self._stores.values():
             st.reset()
         self._reset_flags()
+        self._version += 1
 
     def _reset_flags(self) -> None:
         self._n_samples = 0
@@ -413,6 +431,7 @@ class UnitFisher:
         self._n_samples += N
         self._n_batches += 1
         self._checked = False
+        self._version += 1
         self._maybe_fold()
 
     def _maybe_fold(self) -> None:
@@ -424,6 +443,25 @@ class UnitFisher:
             if st.factor_numel() > st.dense_numel() and used + dense_bytes <= self.dense_budget:
                 st.fold(self.memory_budget // 2)
                 used += dense_bytes
+
+    # ------------------------------------------------------------------------------ sync
+    def _view(self, sync: bool | None, process_group: Any) -> UnitFisher:
+        """``self``, or (with an active process group) the combined statistics of all ranks,
+        cached until some rank's statistics change."""
+        if self._sync_view:
+            return self
+        group = _dist.sync_group(sync, process_group)
+        if group is None:
+            return self
+        cache = self._sync_cache
+        fresh = cache is not None and cache[0] is group and cache[1] == self._version
+        stale = _dist.all_reduce(torch.tensor([0 if fresh else 1], dtype=torch.int64), group,
+                                 "max")
+        if not int(stale) and cache is not None:
+            return cache[2]
+        view = _combined(self, group)
+        self._sync_cache = (group, self._version, view)
+        return view
 
     # ------------------------------------------------------------------------------ checks
     def _raise_nonfinite(self, flags: Mapping[str, tuple[Tensor, Tensor]], invalid: Tensor,
@@ -492,11 +530,17 @@ class UnitFisher:
         return idx % spec.units
 
     def blocks(self, layer: str, *, positions: str = "sum", dtype: torch.dtype | None = None,
-               memory_budget: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+               memory_budget: int | None = None, sync: bool | None = None,
+               process_group: Any = None) -> Iterator[tuple[slice, Tensor]]:
         """Iterate over a layer's unit blocks chunk by chunk: ``(units slice, (B, n1, n1))``.
 
         Never holds more than one chunk (sized from ``memory_budget``) at a time.
         """
+        view = self._view(sync, process_group)
+        if view is not self:
+            yield from view.blocks(layer, positions=positions, dtype=dtype,
+                                   memory_budget=memory_budget)
+            return
         st = self._store(layer)
         self._check_positions(positions)
         self._check(st)
@@ -511,7 +555,8 @@ class UnitFisher:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
 
     def matrix(self, layer: str, units: int | slice | Sequence[int] | Tensor | None = None, *,
-               positions: str = "sum", dtype: torch.dtype | None = None) -> Tensor:
+               positions: str = "sum", dtype: torch.dtype | None = None,
+               sync: bool | None = None, process_group: Any = None) -> Tensor:
         r"""The unit Fisher blocks of ``layer``: ``(units, n+1, n+1)``, index 0 = bias.
 
         ``positions="sum"`` (default): the true block, the mean over samples of
@@ -520,7 +565,11 @@ class UnitFisher:
         kinds averaged over ``y``).  ``positions="pairs"``: the theorem block
         ``E_pairs(δ² ã ãᵀ)``.  Layers without bias give ``(units, n, n)``.  An int ``units``
         gives one ``(n+1, n+1)`` block; otherwise a slice, sequence or index tensor selects units.
+        Under ``torch.distributed``: all ranks' samples (see the module docstring).
         """
+        view = self._view(sync, process_group)
+        if view is not self:
+            return view.matrix(layer, units, positions=positions, dtype=dtype)
         st = self._store(layer)
         self._check_positions(positions)
         self._check(st)
@@ -548,9 +597,13 @@ class UnitFisher:
         return out[0] if single else out
 
     # ------------------------------------------------------------------------------ moments
-    def moments(self, layer: str, dtype: torch.dtype = torch.float64) -> LayerMoments:
+    def moments(self, layer: str, dtype: torch.dtype = torch.float64, *,
+                sync: bool | None = None, process_group: Any = None) -> LayerMoments:
         """``E_p(a)``, ``E_p(δ²)``, ``E_q(a)`` and ``Cov_p(δ², a)`` of a layer's units (over the
         accumulated (sample, position) pairs; see :class:`LayerMoments`)."""
+        view = self._view(sync, process_group)
+        if view is not self:
+            return view.moments(layer, dtype)
         st = self._store(layer)
         self._check(st)
         spec = st.spec
@@ -565,9 +618,13 @@ class UnitFisher:
             Cov_p_delta2_a=E_d2a - E_d2.unsqueeze(-1) * E_a, n_samples=st.n_samples, n_pairs=P,
         )
 
-    def gradient(self, layer: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    def gradient(self, layer: str, dtype: torch.dtype = torch.float64, *,
+                 sync: bool | None = None, process_group: Any = None) -> Tensor:
         """Mean gradient of the **negative** log-likelihood of the given targets over the
         accumulated samples, per unit ``(units, n+1)`` (bias first; ``(units, n)`` without)."""
+        view = self._view(sync, process_group)
+        if view is not self:
+            return view.gradient(layer, dtype)
         st = self._store(layer)
         self._check(st)
         assert st.grad_sum is not None
@@ -575,7 +632,8 @@ class UnitFisher:
 
     def natural_gradient(self, layer: str, grad: Tensor | None = None, damping: float = 0.0, *,
                          dtype: torch.dtype = torch.float64, memory_budget: int | None = None,
-                         solver: str = "auto") -> Tensor:
+                         solver: str = "auto", sync: bool | None = None,
+                         process_group: Any = None) -> Tensor:
         r"""``(F + λI)⁻¹ grad`` per unit of ``layer`` with ``F`` the theorem (pair) block,
         chunked; Theorem 1's block formula for layers with bias.
 
@@ -587,6 +645,10 @@ class UnitFisher:
         Raises:
             SingularFisherError: a singular block and no (or too little) damping.
         """
+        view = self._view(sync, process_group)
+        if view is not self:
+            return view.natural_gradient(layer, grad, damping, dtype=dtype,
+                                         memory_budget=memory_budget, solver=solver)
         st = self._store(layer)
         self._check(st)
         g = self._grad_for(st, grad, dtype)
@@ -612,7 +674,7 @@ class UnitFisher:
     def _grad_for(self, st: LayerStore, grad: Tensor | None, dtype: torch.dtype) -> Tensor:
         spec = st.spec
         if grad is None:
-            return self.gradient(spec.name, dtype)
+            return self.gradient(spec.name, dtype, sync=False)
         if not isinstance(grad, Tensor):
             raise TypeError(f"gradient for layer {spec.name!r} must be a tensor")
         if tuple(grad.shape) != (spec.units, spec.n1):
@@ -635,6 +697,8 @@ class UnitFisher:
         activation_means: Mapping[str, Tensor] | None = None,
         condition: bool = True,
         solver: str = "auto",
+        sync: bool | None = None,
+        process_group: Any = None,
     ) -> dict[str, LayerQuantities]:
         r"""The paper's Theorem 1 and 2 quantities per layer, as tensors on the device (what
         :meth:`report` tabulates; no host transfer except the singular-block checks).
@@ -668,7 +732,14 @@ class UnitFisher:
                 accumulated incoming means (e.g. from a probe batch).
             condition: compute ``cond_F`` (an ``eigvalsh`` per unit: the most expensive part).
             solver: ``"auto"``, ``"cholesky"`` or ``"woodbury"``.
+            sync, process_group: under ``torch.distributed``, all ranks' samples (default) or
+                this rank's (``sync=False``); see the module docstring.
         """
+        view = self._view(sync, process_group)
+        if view is not self:
+            return view.quantities(damping, gradients, memory_budget, dtype, layers=layers,
+                                   activation_means=activation_means, condition=condition,
+                                   solver=solver)
         damping = self._damping(damping)
         solver = self._solver(solver)
         budget = memory_budget or self.memory_budget
@@ -702,7 +773,7 @@ class UnitFisher:
             st = self._stores[n]
             spec = st.spec
             g = self._grad_for(st, (gradients or {}).get(n), dtype)
-            mom = self.moments(n, dtype)
+            mom = self.moments(n, dtype, sync=False)
             E_p_a = mom.E_p_a
             if activation_means is not None and n in activation_means:
                 E_p_a = self._means_for(spec, activation_means[n], dtype, st.device)
@@ -736,13 +807,15 @@ class UnitFisher:
         activation_means: Mapping[str, Tensor] | None = None,
         condition: bool = True,
         solver: str = "auto",
+        sync: bool | None = None,
+        process_group: Any = None,
     ) -> pd.DataFrame:
         """One row per (layer, unit): :meth:`quantities` as a table (one batched host transfer,
         :mod:`biasshift.fisher.tables`).  Columns ``layer, unit, n_samples, n_pairs, damping,
         solver`` and the quantities (see :meth:`quantities`)."""
         res = self.quantities(damping, gradients, memory_budget, dtype, layers=layers,
                               activation_means=activation_means, condition=condition,
-                              solver=solver)
+                              solver=solver, sync=sync, process_group=process_group)
         parts = list(res.values())
         names = list(parts[0].tensors)
         host = to_host({k: torch.cat([p.tensors[k] for p in parts]) for k in names})
@@ -764,3 +837,124 @@ class UnitFisher:
                 f"{(spec.units, spec.n)}, got {tuple(means.shape)}"
             )
         return means.to(device=device, dtype=dtype)
+
+
+def _combined(uf: UnitFisher, group: Any) -> UnitFisher:
+    """A read-only :class:`UnitFisher` holding all ranks' statistics (see the module docstring).
+
+    Collectives: one all-gather of every layer's counts and storage form, one all-reduce of
+    the running sums, two of the non-finite flags; per layer then either one all-reduce of the
+    dense block sums or, per stored factor shape, all-gathers of the factors' rows (in rank
+    order), after one all-gather of the factor shapes.
+    """
+    import copy
+
+    from biasshift.fisher.blocks import Source
+
+    view = copy.copy(uf)
+    view._sync_view = True
+    view._sync_cache = None
+    names = list(uf.specs)
+    stores = [uf._stores[n] for n in names]
+    dev = next((st.device for st in stores if st.device is not None), None) or \
+        model_device(uf.model) or torch.device("cpu")
+    dt = uf.dtype
+    # per layer: samples, pairs, batches, multi, dense, factor numel (plus the model's counts)
+    info = torch.tensor([[st.n_samples, st.n_pairs, st.n_batches, int(st.multi),
+                          int(st.is_dense), st.factor_numel()] for st in stores]
+                        + [[uf._n_samples, uf._n_batches, 0, 0, 0, 0]], dtype=torch.int64)
+    every = torch.stack(_dist.all_gather(info, group))  # (ranks, layers + 1, 6)
+    total = every.sum(0)
+    view._n_samples, view._n_batches = int(total[-1, 0]), int(total[-1, 1])
+    # the running sums and flags
+    sums, flags, firsts = [], [], []
+    for st in stores:
+        U, n1, g = st.spec.units, st.spec.n1, st.spec.groups
+        if st.sum_w is None:
+            sums.append(torch.zeros(g * n1 + U + 2 * U * n1, dtype=dt, device=dev))
+            flags.append(torch.zeros(2, dtype=torch.int64, device=dev))
+            firsts.append(torch.full((1,), -1, dtype=torch.int64, device=dev))
+            continue
+        assert st.sum_a is not None and st.sum_wa is not None and st.grad_sum is not None
+        assert st.bad_act is not None and st.bad_delta is not None and st.first_bad is not None
+        sums.append(torch.cat([st.sum_a.reshape(-1), st.sum_w, st.sum_wa.reshape(-1),
+                               st.grad_sum.reshape(-1)]).to(dev))
+        flags.append(torch.stack([st.bad_act, st.bad_delta]).to(dev))
+        firsts.append(st.first_bad.reshape(1).to(dev))
+    bad_t = (uf._bad_targets if uf._bad_targets is not None
+             else torch.zeros((), dtype=torch.int64)).reshape(1).to(dev)
+    first_t = (uf._first_bad_targets if uf._first_bad_targets is not None
+               else torch.full((), -1, dtype=torch.int64)).reshape(1).to(dev)
+    sums_all = _dist.all_reduce(torch.cat(sums), group)
+    flags_all = _dist.all_reduce(torch.cat([*flags, bad_t]), group)
+    big = 2**62  # the earliest offending batch of any rank (its own batch index)
+    firsts_t = torch.cat([*firsts, first_t])
+    firsts_all = _dist.all_reduce(torch.where(firsts_t < 0, big, firsts_t), group, "min")
+    firsts_all = torch.where(firsts_all == big, -1, firsts_all)
+    view._bad_targets = flags_all[-1]
+    view._first_bad_targets = firsts_all[-1]
+    view._checked = False
+    view._stores = {}
+    start = 0
+    shapes_needed = []
+    for i, (n, st) in enumerate(zip(names, stores)):
+        spec = st.spec
+        U, n1, g = spec.units, spec.n1, spec.groups
+        new = LayerStore(spec, dt)
+        new._init_sums(dev)
+        k = g * n1 + U + 2 * U * n1
+        part = sums_all[start: start + k]
+        start += k
+        assert new.sum_a is not None and new.sum_w is not None
+        assert new.sum_wa is not None and new.grad_sum is not None
+        new.sum_a.copy_(part[: g * n1].view(g, n1))
+        new.sum_w.copy_(part[g * n1: g * n1 + U])
+        new.sum_wa.copy_(part[g * n1 + U: g * n1 + U + U * n1].view(U, n1))
+        new.grad_sum.copy_(part[g * n1 + U + U * n1:].view(U, n1))
+        new.bad_act, new.bad_delta = flags_all[2 * i], flags_all[2 * i + 1]
+        new.first_bad = firsts_all[i]
+        new.n_samples, new.n_pairs, new.n_batches = (int(total[i, 0]), int(total[i, 1]),
+                                                     int(total[i, 2]))
+        new.multi = bool(every[:, i, 3].any())
+        factors = int(total[i, 5])
+        dense = bool(every[:, i, 4].any()) or factors > new.dense_numel()
+        if dense:
+            budget = uf.memory_budget // 2
+            pair = torch.zeros(U, n1, n1, dtype=dt, device=dev)
+            true = torch.zeros_like(pair) if new.multi else None
+            if st.dense_pair is not None:
+                pair += st.dense_pair.to(dev)
+                if true is not None:
+                    true += (st.dense_true if st.dense_true is not None
+                             else st.dense_pair).to(dev)
+            elif st.sources:
+                st.consolidate()
+                for j, sl in st.unit_chunks(None, budget):
+                    pair[sl] += pair_gram(st.sources, j, sl, dtype=dt, budget=budget).to(dev)
+                    if true is not None:
+                        true[sl] += true_gram(st.sources, j, sl, dtype=dt,
+                                              budget=budget).to(dev)
+            new.dense_pair = _dist.all_reduce(pair, group)
+            new.dense_true = _dist.all_reduce(true, group) if true is not None else None
+        else:
+            st.consolidate()
+            shapes_needed.append(n)
+        view._stores[n] = new
+    if shapes_needed:
+        mine = {n: [(src.positions, src.replicas) for src in uf._stores[n].sources]
+                for n in shapes_needed}
+        keys_all = _dist.gather_object(mine, group)
+        for n in shapes_needed:
+            st, new = uf._stores[n], view._stores[n]
+            spec = st.spec
+            keys = sorted({k for per_rank in keys_all for k in per_rank[n]})
+            by_key = {(src.positions, src.replicas): src for src in st.sources}
+            for L, R in keys:
+                src = by_key.get((L, R))
+                X = src.X.to(dev) if src is not None else torch.zeros(
+                    0, spec.groups, L, spec.n1, dtype=dt, device=dev)
+                D = src.D.to(dev) if src is not None else torch.zeros(
+                    0, R, L, spec.units, dtype=dt, device=dev)
+                new.sources.append(Source(torch.cat(_dist.all_gather_rows(X, group)),
+                                          torch.cat(_dist.all_gather_rows(D, group))))
+    return view
