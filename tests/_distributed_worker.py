@@ -103,6 +103,58 @@ def measure_fisher(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, syn
     return out
 
 
+def measure_probe(probe: list[torch.Tensor], *, sync: Any) -> dict[str, Any]:
+    """One SGD step measured by a BiasShiftProbe on ``probe`` (the same gradient and step on
+    every rank: the loss of one fixed batch)."""
+    from biasshift import BiasShiftProbe
+
+    net = model()
+    x = torch.cat(probe)
+    kw = {} if sync is None else {"sync": sync}
+    bsp = BiasShiftProbe(net, x, torch.zeros(x.shape[0], dtype=torch.long), fisher="exact",
+                         damping=1e-3, **kw)
+    xb, yb = batches(nan=False)[0][0]
+    nn.functional.cross_entropy(net(xb), yb).backward()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with bsp.measure() as m:
+        opt.step()
+    return {"frame": m.frame()}
+
+
+def measure_optimizer(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *,
+                      sync: Any) -> dict[str, Any]:
+    """Three UnitNaturalGradient steps on the mean loss of the union of the ranks' batches
+    (rank ``r``: ``shards[r][t]`` at step ``t``; the gradients are combined by hand, with the
+    ranks' sample counts as weights, so that they are those of the union)."""
+    from biasshift import UnitNaturalGradient
+
+    net = model()
+    opt = UnitNaturalGradient(net, lr=0.05, update_every=1, inverse_every=1, sync=sync)
+    for t in range(len(shards[0])):
+        opt.zero_grad()
+        x = torch.cat([s[t][0] for s in shards])
+        y = torch.cat([s[t][1] for s in shards])
+        nn.functional.cross_entropy(net(x), y).backward()
+        if dist.is_initialized():
+            n_tot = torch.tensor([float(x.shape[0])], dtype=torch.float64)
+            dist.all_reduce(n_tot)
+            for p in net.parameters():
+                assert p.grad is not None
+                p.grad.mul_(x.shape[0])
+                dist.all_reduce(p.grad)
+                p.grad.div_(n_tot)
+        opt.step()
+    return {"params": [p.detach().clone() for p in net.parameters()],
+            "fisher": {n: opt.fisher(n) for n in opt.layers}}
+
+
+def optimizer_shards() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Rank 0: 3 batches of 5 samples, rank 1: 3 batches of 3 (constant per rank)."""
+    g = torch.Generator().manual_seed(3)
+    return [[(torch.randn(s, 1, 6, 6, generator=g, dtype=torch.float64),
+              torch.randint(0, 4, (s,), generator=g)) for _ in range(3)] for s in (5, 3)]
+
+
 def run_scenario(name: str) -> dict[str, Any]:
     r = dist.get_rank()
     parts = batches()
@@ -131,6 +183,14 @@ def run_scenario(name: str) -> dict[str, Any]:
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
         return {"errors": errors}
+    if name == "probe":
+        return measure_probe([probe[r]], sync=None)
+    if name == "probe_local":
+        return measure_probe([probe[r]], sync=False)
+    if name == "optimizer":
+        return measure_optimizer([optimizer_shards()[r]], sync=None)
+    if name == "optimizer_local":
+        return measure_optimizer([optimizer_shards()[r]], sync=False)
     if name == "traffic":
         from biasshift import ActivationMonitor
         from biasshift.distributed import record_traffic

@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.distributed,
                                  reason="torch.distributed with gloo is not available")]
 
 SCENARIOS = ["monitor", "monitor_local", "traffic", "fisher", "fisher_factors", "fisher_local",
-             "fisher_nan"]
+             "fisher_nan", "probe", "probe_local", "optimizer",
+             "optimizer_local"]
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,27 @@ def test_unit_fisher_sync_false_and_nonfinite_on_one_rank(ranks):
     (e0, l0), (e1, l1) = (g["errors"] for g in ranks["fisher_nan"])
     assert e0 is not None and e0 == e1 and e0.startswith("NonFiniteError")
     assert l0 is None and l1 is not None
+
+
+def test_bias_shift_probe_measures_on_the_union_of_the_probe_shards(ranks):
+    probe = W.probe_shards()
+    ref = W.measure_probe(probe, sync=None)["frame"]
+    for got in ranks["probe"]:
+        _close(got["frame"], ref, rtol=1e-9)
+    pd.testing.assert_frame_equal(ranks["probe"][0]["frame"], ranks["probe"][1]["frame"])
+    for r, got in enumerate(ranks["probe_local"]):
+        pd.testing.assert_frame_equal(got["frame"], W.measure_probe([probe[r]], sync=None)["frame"])
+
+
+def test_natural_gradient_preconditions_with_the_union_fisher(ranks):
+    """Uneven but constant per-rank batches: the ranks' parameters after three steps and their
+    combined running Fisher equal those of one process on the union of the batches."""
+    ref = W.measure_optimizer(W.optimizer_shards(), sync=None)
+    for got in ranks["optimizer"]:
+        for p, q in zip(got["params"], ref["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        for n, F in ref["fisher"].items():
+            torch.testing.assert_close(got["fisher"][n], F, rtol=1e-10, atol=1e-14)
+    # sync=False: each rank preconditions with its own shard's Fisher, and the runs differ
+    for got in ranks["optimizer_local"]:
+        assert not torch.allclose(got["params"][0], ref["params"][0], rtol=1e-6, atol=0)

@@ -103,6 +103,15 @@ Contract
     :meth:`Measurement.frame`) moves every value and flag in **one** transfer; ``m.tensors``
     stays on the device.
 
+Distributed (``torch.distributed``, DDP)
+    When ``torch.distributed`` is initialised each rank passes its own probe shard and a
+    measurement is that of all ranks' probe samples together, the same on every rank: the
+    probe rows ``ã`` and weights ``δ²`` of every layer are all-gathered (rank order) and the
+    mean net inputs' sums all-reduced (``P (n1 + units)`` numbers per layer and rank, see
+    :mod:`biasshift.distributed`); the gradient is the rank's ``.grad`` (under DDP the same on
+    every rank). ``sync=False`` measures on this rank's probe only, ``process_group=`` on a
+    sub-group's. A DDP-wrapped model is unwrapped (the probe's passes never go through DDP).
+
 Errors and non-finite values
     A singular block (possible only with ``damping=0`` or a block that is numerically
     indefinite) is NaN in ``m.tensors`` and raises :class:`~biasshift.theory.SingularFisherError`
@@ -123,6 +132,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from biasshift import distributed as _dist
 from biasshift.fisher.capture import LayerSelection, LayerSpec, delta_rows, incoming, resolve_layers
 from biasshift.fisher.likelihood import FISHER_KINDS, Likelihood, make_likelihood, score_vectors
 from biasshift.hooks import Trace, eval_mode
@@ -364,6 +374,8 @@ class BiasShiftProbe:
         condition: also compute ``cond_F`` (an eigendecomposition per unit: slow).
         batch_size: probe samples per forward pass (default: the whole probe at once).
         memory_budget: bytes for the largest temporary of a layer's solves (chunks of units).
+        sync, process_group: under ``torch.distributed``, measure on all ranks' probe shards
+            together (default) or on this rank's (``sync=False``); see the module docstring.
     """
 
     def __init__(
@@ -383,6 +395,8 @@ class BiasShiftProbe:
         condition: bool = False,
         batch_size: int | None = None,
         memory_budget: int = 2**28,
+        sync: bool | None = None,
+        process_group: Any = None,
         _owner: str = "BiasShiftProbe",
     ) -> None:
         who = self._who = _owner
@@ -412,7 +426,11 @@ class BiasShiftProbe:
         if dtype is not None and (not isinstance(dtype, torch.dtype)
                                   or not dtype.is_floating_point):
             raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
+        model = _dist.unwrap_model(model)
         self.model = model
+        self.sync = sync
+        self.process_group = process_group
+        _dist.sync_group(sync, process_group)  # checks the arguments
         self.fisher = fisher
         self.damping = float(damping)
         self.damping_mode = damping_mode
@@ -578,7 +596,23 @@ class BiasShiftProbe:
         with torch.no_grad(), eval_mode(self.model), Trace(self.model_layers(), forward=hook):
             for start in range(0, self.probe_inputs.shape[0], self.batch_size):
                 self.model(self.probe_inputs[start:start + self.batch_size])
+        group = _dist.sync_group(self.sync, self.process_group)
+        if group is not None:
+            return self._sync_means(sums, dict(counts), group)
         return {n: sums[n] / counts[n] for n in self.layers}
+
+    def _sync_means(self, sums: dict[str, Tensor], counts: dict[str, int], group: Any
+                    ) -> dict[str, Tensor]:
+        """All ranks' mean net inputs from their float64 sums and counts (one all-reduce)."""
+        flat = torch.cat([torch.cat([sums[n], sums[n].new_tensor([float(counts[n])])])
+                          for n in self.layers])
+        total = _dist.all_reduce(flat, group)
+        out, start = {}, 0
+        for n in self.layers:
+            u = sums[n].numel()
+            out[n] = total[start:start + u] / total[start + u]
+            start += u + 1
+        return out
 
     def _probe_pass(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
         """Forward + Fisher backward passes over the probe: per layer the incoming rows
@@ -634,6 +668,12 @@ class BiasShiftProbe:
             count += x.shape[0]
         Xc = {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in Xs.items()}
         Wc = {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in Ws.items()}
+        group = _dist.sync_group(self.sync, self.process_group)
+        if group is not None:  # every rank's probe rows, in rank order
+            nets = self._sync_means(sums, {n: Xc[n].shape[0] for n in self.layers}, group)
+            Xc = {n: torch.cat(_dist.all_gather_rows(v, group)) for n, v in Xc.items()}
+            Wc = {n: torch.cat(_dist.all_gather_rows(v, group)) for n, v in Wc.items()}
+            return Xc, Wc, nets
         nets = {n: sums[n] / (Xc[n].shape[0]) for n in self.layers}
         return Xc, Wc, nets
 

@@ -42,6 +42,15 @@ EMA
     all finite in a batch skips that batch: its ``F`` and ``w`` are both multiplied by ``ema``
     (``F̂`` unchanged) and nothing non-finite ever enters ``F``.  No step synchronises with the
     host.
+
+Distributed (``torch.distributed``, DDP)
+    Each rank keeps the EMA of its own shard's blocks; :meth:`RunningLayerFisher.fisher_hat`
+    with a process group combines them at read time (the optimiser's refresh): with ``N_r``
+    the samples of rank ``r``'s latest batch, ``F̂ = Σ_r N_r F_r / Σ_r N_r w_r`` (two
+    all-reduces, ``units·n1² + units`` numbers). When every rank's batch size is the same at
+    every step (uneven across ranks allowed; DDP's ``DistributedSampler`` with
+    ``drop_last``), this is exactly the EMA of the blocks of the union of the ranks' batches.
+    A batch that is non-finite on one rank only skips that rank's contribution.
 """
 
 from __future__ import annotations
@@ -130,6 +139,7 @@ class RunningLayerFisher:
         self.fisher: Tensor | None = None
         self.weight_sum: Tensor | None = None
         self.updates = 0
+        self.samples = 0  # samples of the latest update (the weight of this rank's EMA)
         self.recording = False
         self._pending: list[tuple[int, _Record]] = []
         self._batches: list[list[_Record]] = []
@@ -316,15 +326,36 @@ class RunningLayerFisher:
                                               alpha=alpha)
         w.mul_(ema).add_(ok.to(w.dtype), alpha=1.0 - ema)
         self.updates += 1
+        self.samples = int(samples)
         return True
 
-    def fisher_hat(self, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    def fisher_hat(self, symmetric: bool = True, group: Any = None) -> tuple[Tensor, Tensor]:
         """The bias-corrected blocks ``F / w`` and the mask of units with statistics.
 
         Units that never had a finite batch get the identity (and ``observed = False``).  Only
         the lower triangle of :attr:`fisher` is kept up to date; ``symmetric=False`` returns
         that (enough for a Cholesky factorisation), ``True`` mirrors it into the upper one.
+        With a process ``group``: the blocks of all its ranks (see the module docstring).
         """
+        if group is not None:
+            from biasshift import distributed as _dist
+
+            if self.fisher is None or self.weight_sum is None:  # this rank has nothing yet
+                weight = self.spec.module.weight
+                dt = self.dtype or stat_dtype(weight.dtype)
+                n1 = self.spec.n1
+                F_r = torch.zeros(self.spec.units, n1, n1, dtype=dt, device=weight.device)
+                w_r = torch.zeros(self.spec.units, dtype=dt, device=weight.device)
+            else:
+                F_r, w_r = self.fisher * self.samples, self.weight_sum * self.samples
+            F_sum = _dist.all_reduce(F_r, group)
+            w = _dist.all_reduce(w_r, group)
+            observed = w > 0
+            F = F_sum / torch.where(observed, w, torch.ones_like(w))[:, None, None]
+            if symmetric:
+                F = F.tril() + F.tril(-1).mT
+            F.diagonal(dim1=-2, dim2=-1).add_((~observed).to(F.dtype).unsqueeze(-1))
+            return F, observed
         if self.fisher is None or self.weight_sum is None:
             raise RuntimeError(f"layer {self.spec.name!r}: no statistics yet")
         w = self.weight_sum
@@ -337,7 +368,8 @@ class RunningLayerFisher:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "weight_sum": self.weight_sum, "updates": self.updates}
+        return {"fisher": self.fisher, "weight_sum": self.weight_sum, "updates": self.updates,
+                "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         F, w = state["fisher"], state["weight_sum"]
@@ -352,4 +384,5 @@ class RunningLayerFisher:
         self.fisher = None if F is None else F.to(device, copy=True)
         self.weight_sum = None if w is None else w.to(device, copy=True)
         self.updates = int(state["updates"])
+        self.samples = int(state.get("samples", 0))
         self.discard()

@@ -104,6 +104,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from biasshift import distributed as _dist
 from biasshift.fisher.capture import SUPPORTED_LAYERS, LayerSpec, resolve_layers
 from biasshift.optim.block_solve import FORMS, BlockFactors, pack_tril, unpack_tril
 from biasshift.optim.running_fisher import REDUCTIONS, RunningLayerFisher, stat_dtype
@@ -169,9 +170,10 @@ class _Layer:
     def m(self) -> int:
         return self.spec.n + int(self.bias is not None)
 
-    def fisher_hat(self, symmetric: bool = True) -> tuple[Tensor, Tensor]:
-        """The bias-corrected EMA blocks for the owned parameters, and the observed mask."""
-        F, observed = self.running.fisher_hat(symmetric)
+    def fisher_hat(self, symmetric: bool = True, group: Any = None) -> tuple[Tensor, Tensor]:
+        """The bias-corrected EMA blocks for the owned parameters, and the observed mask (with
+        a process ``group``: of all its ranks)."""
+        F, observed = self.running.fisher_hat(symmetric, group)
         if self.spec.has_bias and self.bias is None:
             F = F[:, 1:, 1:]  # the bias is not optimised here: only the weight block
         return F, observed
@@ -229,6 +231,11 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             refresh that counts as divergence.
         memory_budget: bytes for the temporaries of one chunk of units in the Fisher update.
         max_state_bytes: refuse layers whose EMA and factors need more bytes in all.
+        sync, process_group: under ``torch.distributed`` (DDP), each refresh combines the
+            ranks' running Fisher blocks (two all-reduces per refreshed layer; see
+            :mod:`biasshift.optim.running_fisher`), so every rank preconditions with the
+            Fisher of the global batch; ``sync=False``: each rank its own. Every rank must
+            step in lockstep (as under DDP); the steps themselves never communicate.
 
     Raises:
         ValueError: no supported layer owns any of the parameters; bad hyperparameters; a
@@ -269,6 +276,8 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         explode_factor: float = 1e8,
         memory_budget: int = 2**28,
         max_state_bytes: int = 2**32,
+        sync: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         name = type(self).__name__
         if reduction not in REDUCTIONS:
@@ -321,6 +330,9 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         self.on_divergence = on_divergence
         self.explode_factor = float(explode_factor)
         self.memory_budget = int(memory_budget)
+        self.sync = sync
+        self.process_group = process_group
+        _dist.sync_group(sync, process_group)  # checks the arguments
         self._step_count = 0
         self._layers: list[_Layer] = self._build_layers(model, selection, max_state_bytes)
         self._owned = {id(p) for layer in self._layers for p in (layer.weight, layer.bias)
@@ -407,13 +419,19 @@ class UnitNaturalGradient(torch.optim.Optimizer):
     update_every = property(lambda self: self.param_groups[0]["update_every"])
     inverse_every = property(lambda self: self.param_groups[0]["inverse_every"])
 
-    def fisher(self, layer: str) -> Tensor | None:
+    def fisher(self, layer: str, *, sync: bool | None = None,
+               process_group: Any = None) -> Tensor | None:
         """The bias-corrected EMA unit Fisher ``(units, m, m)`` of ``layer`` (bias at index 0
-        when the layer's bias is optimised), undamped; ``None`` before its first update."""
+        when the layer's bias is optimised), undamped; ``None`` before its first update.
+        Under ``torch.distributed``: all ranks' (as at a refresh; ``sync=False``: this
+        rank's)."""
         lay = self._layer(layer)
         if lay.running.fisher is None:
             return None
-        return lay.fisher_hat()[0]
+        group = _dist.sync_group(self.sync if sync is None else sync,
+                                 process_group if process_group is not None
+                                 else self.process_group)
+        return lay.fisher_hat(group=group)[0]
 
     def factors(self, layer: str) -> BlockFactors | None:
         """The factors the steps of ``layer`` use now (``None`` before its first refresh)."""
@@ -479,7 +497,8 @@ class UnitNaturalGradient(torch.optim.Optimizer):
 
     def _refresh(self, layer: _Layer, hp: dict[str, Any]) -> None:
         # a fresh tensor (damped in place); its lower triangle is all a Cholesky reads
-        F, observed = layer.fisher_hat(symmetric=False)
+        F, observed = layer.fisher_hat(
+            symmetric=False, group=_dist.sync_group(self.sync, self.process_group))
         m = F.shape[-1]
         diag = F.diagonal(dim1=-2, dim2=-1)
         mean_diag = diag.sum(-1) / m
