@@ -36,6 +36,8 @@ examples:
   biasshift reproduce median-variance --activations relu,elu --epochs 200
   biasshift reproduce autoencoder --lr 1e-2,1e-3 --resume --work-dir runs/ae
   biasshift reproduce natural-gradient-gap --quick --option damping=1e-3
+  biasshift reproduce activation-median --quick --list-runs     # the runs, numbered 0..N-1
+  biasshift reproduce activation-median --quick --run-index 3   # one run (a Slurm array task)
 
 Paper presets read MNIST from --data-dir, $BIASSHIFT_DATA/<name>/ or the user cache (and download
 it unless $BIASSHIFT_OFFLINE is set). Runs checkpoint every epoch into --work-dir (default: the
@@ -60,6 +62,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a run index (an integer >= 0), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a run index (an integer >= 0), got {text!r}")
     return value
 
 
@@ -142,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an analysis-specific setting (repeatable), e.g. natural-gradient-gap's "
                           "--option damping=1e-3 --option optimizers=sgd; the JSON record lists "
                           "every option under settings.options")
+    rep.add_argument("--run-index", type=_index, metavar="I",
+                     help="train only run I (0 to N-1) in this process and write no figure "
+                          "(Slurm arrays: --run-index $SLURM_ARRAY_TASK_ID); afterwards the "
+                          "same command with --resume and without --run-index assembles the "
+                          "figure")
+    rep.add_argument("--list-runs", action="store_true",
+                     help="print the runs (index and id, one a line) and exit")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -241,7 +261,22 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str], work_dir: list[Pat
             options=dict(args.options),
         )
     _print_warnings(caught)
+    if args.list_runs:
+        from biasshift.reproduce import list_runs
+
+        for i, run in enumerate(list_runs(settings)):
+            print(f"{i}\t{run}")
+        return 0
     work_dir.append(settings.work_dir)
+    if args.run_index is not None:
+        from biasshift.reproduce import run_index
+
+        outcome = run_index(settings, args.run_index, progress=not args.no_progress)
+        what = "reused" if outcome.reused else outcome.status
+        print(f"{settings.analysis}: run {args.run_index} ({outcome.spec.run}) {what}; in "
+              f"{settings.work_dir}. When every run is done, the same command with --resume "
+              "and without --run-index writes the figure")
+        return 0
     result = run_analysis(settings, progress=not args.no_progress,
                           command=" ".join(["biasshift", *argv]))
     stem = result.paths["csv"].with_suffix("")

@@ -25,8 +25,10 @@ from biasshift.reproduce.registry import ANALYSES, get_analysis, register
 from biasshift.reproduce.runner import (
     ReproduceResult,
     RunOutcome,
+    list_runs,
     resolve_settings,
     run_analysis,
+    run_index,
     run_one,
 )
 
@@ -42,8 +44,10 @@ __all__ = [
     "Settings",
     "UsageError",
     "get_analysis",
+    "list_runs",
     "register",
     "resolve_settings",
     "run_analysis",
+    "run_index",
     "run_one",
 ]

@@ -36,6 +36,16 @@ Parallelism
     it. Workers die with the main process, whatever kills it: they ask the kernel for SIGKILL
     when their parent dies (``prctl(PR_SET_PDEATHSIG)`` on Linux) and check between epochs that
     their parent is alive; an interrupted main process terminates its workers.
+
+One run per process (schedulers, several machines)
+    ``--jobs`` spreads runs over one machine. To spread them further, run each (analysis, run)
+    as its own process with :func:`run_index` (``biasshift reproduce NAME --run-index I``, I
+    from 0 to ``N - 1``; ``--list-runs`` prints the ``N`` runs): a Slurm job array
+    (``--array=0-<N-1>`` with ``--run-index $SLURM_ARRAY_TASK_ID``), submitit or Ray can start
+    them anywhere that sees the same ``--work-dir``. Each such process locks only its own run
+    folder (not the work dir), trains or resumes its run and writes no figure; afterwards the
+    same command with ``--resume`` (and without ``--run-index``) reuses every finished run and
+    assembles the figure (it trains any run that is still missing).
 """
 
 from __future__ import annotations
@@ -91,7 +101,8 @@ from biasshift.train.checkpoint import CheckpointError, data_fingerprint
 from biasshift.train.trainer import CHECKPOINT_NAME, HISTORY_NAME, Trainer
 
 __all__ = ["OversubscriptionWarning", "ReproduceResult", "RunOutcome", "WorkerDiedError",
-           "available_cores", "resolve_settings", "run_analysis", "run_one"]
+           "available_cores", "list_runs", "resolve_settings", "run_analysis", "run_index",
+           "run_one"]
 
 SPEC_NAME = "spec.json"
 DONE_NAME = "done.json"
@@ -769,6 +780,44 @@ def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
     ex.shutdown(wait=True)
     progress_queue.close()
     return [results[i] for i in range(len(specs))]
+
+
+def list_runs(settings: Settings) -> list[str]:
+    """The run ids of ``settings.analysis``, in the order ``--run-index`` numbers them."""
+    return [s.run for s in get_analysis(settings.analysis).run_specs(settings)]
+
+
+def run_index(settings: Settings, index: int, *, progress: bool = True) -> RunOutcome:
+    """Train (or reuse, or resume) run number ``index`` of ``settings.analysis`` in its
+    folder of ``settings.work_dir``, in this process, and publish nothing (see "One run per
+    process" in the module docstring). Only the run folder is locked, so that many such
+    processes share one work dir; ``settings.jobs`` is ignored.
+
+    Raises:
+        UsageError: ``index`` is not in ``[0, N)`` (the message gives ``N``), or the run folder
+            holds work and neither ``resume`` nor ``overwrite`` is set.
+    """
+    analysis = get_analysis(settings.analysis)
+    analysis.validate(settings)
+    specs = [replace(s, train_size=settings.train_size, test_size=settings.test_size)
+             for s in analysis.run_specs(settings)]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(specs):
+        raise UsageError(f"--run-index {index!r} is out of range: {analysis.name} has "
+                         f"{len(specs)} runs with these settings, numbered 0 to "
+                         f"{len(specs) - 1} (--list-runs prints them)")
+    problem = writable_dir_problem(settings.work_dir)
+    if problem is not None:
+        raise UsageError(f"--work-dir: {problem}; choose another --work-dir")
+    spec = specs[index]
+    if not (settings.resume or settings.overwrite) and \
+            run_holds_work(Path(settings.work_dir) / spec.run):
+        _refuse_discarding_any([spec], settings)
+    dataset = _dataset(settings.dataset, settings.data_dir)
+    bar = _Bar(spec.epochs, f"{analysis.name} [{index}]", progress)
+    try:
+        return run_one(spec, dataset=dataset, progress=bar, **_run_kwargs(settings))
+    finally:
+        bar.close()
 
 
 @dataclass
