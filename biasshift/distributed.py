@@ -32,7 +32,7 @@ Cost (bytes per sync, per rank, payload only; :func:`record_traffic` measures it
     ===========================================  ==============================================
     ``ActivationMonitor.stats()``/``snapshot()``  ``72 U`` (the float64 state) ``+ 16 M``
                                                   (unit counts) for ``U`` units in ``M``
-                                                  modules; ``+ 8 U (bins + 3)`` with histograms
+                                                  modules; ``+ 8 U (bins + 2)`` with histograms
     ``probe_statistics``                          ``24 U`` (sums, counts) and, with medians,
                                                   ``4 P U`` (all values, float32; ``P`` the
                                                   largest rank's rows)

@@ -34,6 +34,17 @@ Speed
     are reduced at once); :meth:`stats` is where the one transfer
     to the host happens.
 
+Distributed (``torch.distributed``, DDP)
+    When ``torch.distributed`` is initialised, :meth:`~ActivationMonitor.stats`,
+    :meth:`~ActivationMonitor.histograms` and :meth:`~ActivationMonitor.snapshot` (hence
+    :meth:`~ActivationMonitor.history`) report all ranks' samples together, the same on every
+    rank: the per-rank states are all-gathered and merged with the same Chan merge as batches,
+    histograms summed (:mod:`biasshift.distributed`; per sync each rank sends ``72`` bytes per
+    unit, plus ``8 (bins + 2)`` with histograms). ``sync=False`` gives the rank's own
+    statistics, ``process_group=`` a sub-group's; every rank of the group must call the reader.
+    The hooks never communicate. A DDP-wrapped model may be passed as it is; module names are
+    those of the wrapped module (a ``module.`` prefix is accepted and dropped).
+
 ``torch.compile``
     Enter the monitor (register the hooks) *before* compiling, or call
     ``torch._dynamo.reset()`` after entering it. The hook is excluded from compilation
