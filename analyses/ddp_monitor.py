@@ -11,7 +11,8 @@ with class-dependent means), an :class:`~biasshift.ActivationMonitor` (per-unit 
 histograms of every activation) and a :class:`~biasshift.BiasShiftProbe` (the bias shift and
 the gradient / natural-gradient cosines of the SGD step, on the 1x1-map layers ``stack6.conv1``
 and the logits convolution ``stack7.conv1``) attached to the DDP-wrapped model. Every
-``--snapshot-every`` steps the monitor's snapshot, and every ``--probe-every`` steps the probe's
+``--snapshot-every`` steps the monitor's snapshot (its statistics since the first step),
+and every ``--probe-every`` steps the probe's
 measurement, hold **all ranks' samples together** (read-time collectives of
 :mod:`biasshift.distributed`; the hooks never communicate); at the end the exact probe
 statistics (``probe_statistics``, exact medians over every rank's probe shard) are taken.

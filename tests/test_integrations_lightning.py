@@ -106,3 +106,12 @@ def test_fit_logs_per_epoch_through_the_loggers_and_probes_on_schedule(tmp_path)
     metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     col = metrics["biasshift/net.1/median_unit_mean"].dropna()
     np.testing.assert_allclose(col, [e.value for e in med], rtol=1e-6)
+
+
+def test_a_probe_needs_the_modules_forward() -> None:
+    class NoForward(Net):
+        forward = pl.LightningModule.forward  # as if it defined none
+
+    cb = BiasShiftCallback(probe=(torch.randn(8, 5), torch.zeros(8, dtype=torch.long)))
+    with pytest.raises(TypeError, match="defines no forward"):
+        _trainer(fast_dev_run=1, callbacks=[cb]).fit(NoForward(), _loader())

@@ -24,7 +24,8 @@ What it does
       ``TensorBoardLogger`` as scalars and ``add_histogram_raw`` histograms
       (:func:`~biasshift.integrations.tensorboard.log_monitor`), with any other logger as
       ``log_metrics`` scalars.
-    * With ``probe=(inputs, targets)`` a :class:`~biasshift.BiasShiftProbe` (``probe_kwargs``)
+    * With ``probe=(inputs, targets)`` a :class:`~biasshift.BiasShiftProbe` (``probe_kwargs``;
+      it calls the module's ``forward`` on the probe inputs, so the module must define one)
       measures the optimizer step every ``probe_every_n_steps`` steps (the measurement spans
       Lightning's ``on_before_optimizer_step`` to ``on_train_batch_end``) and its medians of
       the tracked cosines and bias shifts are logged the same way.
@@ -123,6 +124,12 @@ class BiasShiftCallback(Callback):
             self.monitor = ActivationMonitor(pl_module, self.modules, self.unit_dim,
                                              histogram=self.histogram, **self.monitor_kwargs)
         if self.probe_batch is not None and self.probe is None:
+            forward = getattr(type(pl_module), "forward", None)
+            owner = str(getattr(forward, "__module__", "")).split(".")[0]
+            if owner in ("lightning", "pytorch_lightning", "torch"):
+                raise TypeError(f"BiasShiftCallback: the probe runs the module on its inputs, "
+                                f"but {type(pl_module).__name__} defines no forward(); add "
+                                "`def forward(self, x): return self.net(x)` (or pass no probe)")
             x, y = self.probe_batch
             self.probe = BiasShiftProbe(pl_module, x, y, **self.probe_kwargs)
 
