@@ -191,6 +191,23 @@ def run_scenario(name: str) -> dict[str, Any]:
         return measure_optimizer([optimizer_shards()[r]], sync=None)
     if name == "optimizer_local":
         return measure_optimizer([optimizer_shards()[r]], sync=False)
+    if name == "monitor_empty_rank":  # rank 1 sees no batch at all
+        return measure_monitor([parts[r] if r == 0 else []], sync=None, probe=[probe[r]])
+    if name == "fisher_cache":
+        from biasshift import UnitFisher
+        from biasshift.distributed import record_traffic
+
+        ok = batches(nan=False)
+        uf = UnitFisher(model(), fisher="empirical")
+        for x, y in ok[r]:
+            uf.accumulate(x, y)
+        first = uf.report(damping=1e-3)
+        with record_traffic() as t:  # nothing changed anywhere: the cached combination
+            again = uf.report(damping=1e-3)
+        if r == 1:  # only rank 1 accumulates more: both ranks must combine afresh
+            uf.accumulate(*ok[0][0])
+        third = uf.report(damping=1e-3)
+        return {"first": first, "again": again, "cached_bytes": t.bytes, "third": third}
     if name == "traffic":
         from biasshift import ActivationMonitor
         from biasshift.distributed import record_traffic

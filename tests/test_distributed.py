@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.distributed,
 
 SCENARIOS = ["monitor", "monitor_local", "traffic", "fisher", "fisher_factors", "fisher_local",
              "fisher_nan", "probe", "probe_local", "optimizer",
-             "optimizer_local"]
+             "optimizer_local", "monitor_empty_rank", "fisher_cache"]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,28 @@ def test_natural_gradient_preconditions_with_the_union_fisher(ranks):
     # sync=False: each rank preconditions with its own shard's Fisher, and the runs differ
     for got in ranks["optimizer_local"]:
         assert not torch.allclose(got["params"][0], ref["params"][0], rtol=1e-6, atol=0)
+
+
+def test_a_rank_without_samples_adds_nothing(ranks):
+    parts = W.batches()
+    ref = W.measure_monitor([parts[0]], sync=None, probe=W.probe_shards())
+    for got in ranks["monitor_empty_rank"]:
+        for key in ("stats", "hist", "history"):
+            pd.testing.assert_frame_equal(got[key], ref[key])
+
+
+def test_unit_fisher_reuses_its_combination_until_some_rank_accumulates(ranks):
+    from biasshift import UnitFisher
+
+    ok = W.batches(nan=False)
+    ref = UnitFisher(W.model(), fisher="empirical")
+    for x, y in ok[0] + ok[1]:
+        ref.accumulate(x, y)
+    before = ref.report(damping=1e-3)
+    ref.accumulate(*ok[0][0])  # rank 1's extra batch
+    after = ref.report(damping=1e-3)
+    for got in ranks["fisher_cache"]:
+        _close(got["first"], before, rtol=1e-9)
+        pd.testing.assert_frame_equal(got["again"], got["first"])
+        assert got["cached_bytes"] == 8  # one int64: "did any rank change?"
+        _close(got["third"], after, rtol=1e-9)
