@@ -71,6 +71,9 @@ def measure_monitor(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, sy
                     net(x)
     kw = {} if sync is None else {"sync": sync}
     mon.snapshot(epoch=0, **kw)
+    spill = os.environ.get("BIASSHIFT_TEST_SPILL", "") if dist.is_initialized() else ""
+    if spill:  # the combined rows, written by rank 0 only
+        mon.snapshot(epoch=0, to=f"{spill}.{sync}.{dist.get_rank()}.csv", **kw)
     ps = probe_statistics(wrapped, torch.cat(probe), ["1", "module.4"], **kw)
     return {
         "stats": mon.stats(**kw),
@@ -230,6 +233,7 @@ def worker(rank: int, out: str, scenarios: list[str], init: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         for name in scenarios:
+            os.environ["BIASSHIFT_TEST_SPILL"] = str(Path(out) / f"spill-{name}")
             try:
                 res: Any = run_scenario(name)
             except Exception:  # the test shows the rank's traceback

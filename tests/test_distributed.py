@@ -45,6 +45,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         for r, got in enumerate(res[name]):
             if "error" in got:
                 pytest.fail(f"scenario {name} failed on rank {r}:\n{got['error']}")
+    res["_dir"] = out
     return res
 
 
@@ -72,6 +73,13 @@ def test_monitor_and_probe_equal_the_union_on_every_rank(ranks):
         pd.testing.assert_frame_equal(a[key], b[key])
     # the exact medians are exact
     np.testing.assert_array_equal(a["probe"]["median"], ref["probe"]["median"])
+    # snapshot(to=...): only rank 0 writes the combined rows; with sync=False every rank its own
+    spilled = sorted(p.name for p in ranks["_dir"].glob("spill-*.csv")
+                     if not p.name.endswith(".hist.csv"))
+    assert spilled == ["spill-monitor.None.0.csv", "spill-monitor_empty_rank.None.0.csv",
+                       "spill-monitor_local.False.0.csv", "spill-monitor_local.False.1.csv"]
+    _close(pd.read_csv(ranks["_dir"] / "spill-monitor.None.0.csv", dtype={"module": str})
+           .drop(columns="epoch"), ref["stats"])
 
 
 def test_sync_false_gives_each_ranks_own_statistics(ranks):

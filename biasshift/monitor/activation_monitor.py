@@ -329,7 +329,8 @@ class ActivationMonitor:
                 stays flat however long the run. Read the file back with
                 ``pandas.read_csv(to, dtype={"module": str})``.
             sync, process_group: under ``torch.distributed`` the snapshot holds all ranks'
-                statistics together (a collective at each call; every rank must call it);
+                statistics together (a collective at each call; every rank must call it;
+                with ``to`` only the group's rank 0 writes the combined rows);
                 ``sync=False`` keeps this rank's (see the module docstring).
         """
         for key, value in tags.items():
@@ -355,7 +356,9 @@ class ActivationMonitor:
                      if hists is not None else None),
         }
         if to is not None:
-            self._spill(entry, Path(to))
+            group = _dist.sync_group(sync, process_group)
+            if group is None or _dist.rank(group) == 0:  # combined rows: written once
+                self._spill(entry, Path(to))
             return
         self._history.append(entry)
         if self.max_history is not None and len(self._history) > self.max_history:
