@@ -26,8 +26,9 @@ Rank 0 publishes, as the analyses do (:func:`biasshift.io.publish_result_set`), 
 * ``ddp-monitor.png``/``.pdf``: the median over units of the unit means per layer, and the
   median cosine of each tracked layer, against the step;
 * ``ddp-monitor.json``: provenance, the settings, the world size and backend, the bytes each
-  rank sent per synchronisation (measured with :func:`biasshift.distributed.record_traffic`)
-  and whether every rank got the same statistics (compared with an all-gather).
+  rank sent per synchronisation (measured with :func:`biasshift.distributed.record_traffic`),
+  the time of a combined ``monitor.stats()`` against a local one (median of 5) and whether
+  every rank got the same statistics (compared with an all-gather).
 """
 
 from __future__ import annotations
@@ -153,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         exact = probe_statistics(model, probe_x)
     traffic["probe_statistics"] = t.bytes
 
+    # the cost of a combined read against a local one (median of 5 each, this run)
+    timings: dict[str, float] = {}
+    for key, kw in (("stats_synced_s", {}), ("stats_local_s", {"sync": False})):
+        times = []
+        for _ in range(5):
+            t1 = time.perf_counter()
+            monitor.stats(**kw)
+            times.append(time.perf_counter() - t1)
+        timings[key] = float(np.median(times))
     history = monitor.history()
     agree = True
     if distributed:  # every rank must hold the same statistics
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         probe_frame = pd.concat(measurements, ignore_index=True)
         publish(args, history, probe_frame, exact.to_frame(), world, traffic, agree,
-                time.perf_counter() - t0)
+                time.perf_counter() - t0, timings)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def publish(args: argparse.Namespace, history: pd.DataFrame, probe: pd.DataFrame,
             exact: pd.DataFrame, world: int, traffic: dict[str, int], agree: bool,
-            wall: float) -> None:
+            wall: float, timings: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,6 +209,7 @@ def publish(args: argparse.Namespace, history: pd.DataFrame, probe: pd.DataFrame
         settings=vars(args), world_size=world,
         backend=dist.get_backend() if dist.is_initialized() else None,
         bytes_per_sync=traffic, ranks_agree=agree, wall_time_s=round(wall, 3),
+        read_seconds=timings,
         outputs={k: f"{NAME}.{k}" for k in ("csv", "probe.csv", "exact.csv", "png", "pdf")},
     )
     writers = {
@@ -210,9 +221,10 @@ def publish(args: argparse.Namespace, history: pd.DataFrame, probe: pd.DataFrame
     }
     paths = publish_result_set(Path(args.out) / NAME, writers, record)
     plt.close(fig)
+    ratio = timings["stats_synced_s"] / timings["stats_local_s"]
     print(f"{NAME}: {world} rank(s), {args.steps} steps in {wall:.1f} s; ranks agree: {agree}; "
-          f"bytes per sync {traffic}; wrote {paths['json'].with_suffix('')}."
-          "{csv,probe.csv,exact.csv,png,pdf,json}")
+          f"bytes per sync {traffic}; monitor.stats() synced/local {ratio:.2f}x; wrote "
+          f"{paths['json'].with_suffix('')}.{{csv,probe.csv,exact.csv,png,pdf,json}}")
 
 
 if __name__ == "__main__":

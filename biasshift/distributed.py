@@ -26,23 +26,22 @@ for ``gloo`` (tensors are moved there and back). Metadata (module lists, factor 
 exchanged with small integer all-reduces or, for the Fisher's factor shapes, with
 :func:`torch.distributed.all_gather_object`.
 
-Cost (bytes per sync, per rank, payload only; :func:`record_traffic` measures it)
-    ===========================================  ==============================================
-    reader                                       bytes sent by each rank
-    ===========================================  ==============================================
-    ``ActivationMonitor.stats()``/``snapshot()``  ``72 U`` (the float64 state) ``+ 16 M``
-                                                  (unit counts) for ``U`` units in ``M``
-                                                  modules; ``+ 8 U (bins + 2)`` with histograms
-    ``probe_statistics``                          ``24 U`` (sums, counts) and, with medians,
-                                                  ``4 P U`` (all values, float32; ``P`` the
-                                                  largest rank's rows)
-    ``UnitFisher`` read                           ``8 (3 n1 + 1) U`` sums, then either the
-                                                  factors (the stored rows, as in memory) or
-                                                  the dense blocks ``U n1²`` (x2 for conv);
-                                                  the same as one rank's storage
-    ``BiasShiftProbe.measure()``                  the probe's rows ``P (n1 + U)`` per layer
-    ``UnitNaturalGradient`` refresh               ``U n1² + U`` per refreshed layer
-    ===========================================  ==============================================
+Cost (payload bytes each rank sends per read; :func:`record_traffic` measures them)
+    With ``U`` units, ``M`` modules or layers, ``n1`` inputs per unit (bias included), ``P``
+    probe rows and ``b`` bytes per number of the statistics' dtype:
+
+    * ``ActivationMonitor.stats()`` / ``snapshot()``: ``72 U + 16 M`` (the float64 states and
+      the unit counts), ``+ 8 U (bins + 2)`` with histograms (``histograms()`` alone sends the
+      same). Tested exactly in ``tests/test_distributed.py``.
+    * ``probe_statistics``: ``16 M + 8 (2 U + M)`` (checks, float64 sums and counts) and, with
+      medians, every value: ``4 P U`` for float32 activations (``P`` of the largest rank).
+    * ``UnitFisher``: a read after some rank accumulated sends ``b (g n1 + U (2 n1 + 1))`` per
+      layer (the running sums), a few int64 counters, and the blocks: the dense sums
+      ``b U n1²`` (twice for conv layers) or, while all ranks' factors together are smaller,
+      the factors (the rows each rank stores). Later reads with nothing changed: 8 bytes.
+    * ``BiasShiftProbe.measure()``: per layer the probe rows and weights ``b P (g n1 + U)`` and
+      ``16 (U + 1)`` for the mean net inputs.
+    * ``UnitNaturalGradient``: ``b U (n1² + 1)`` per refreshed layer.
 
     An all-gather *receives* ``world_size`` times the bytes it sends.
 """
