@@ -15,13 +15,14 @@ from biasshift.integrations.lightning import BiasShiftCallback  # noqa: E402
 
 
 class Net(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, record: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(5, 6), nn.ELU(), nn.Linear(6, 3))
         self.seen: list[torch.Tensor] = []  # the ELU's outputs in training batches
-        self.net[1].register_forward_hook(
-            lambda m, i, o: self.seen.append(o.detach().clone()) if self.training else None)
+        if record:  # (a lambda hook cannot be pickled for ddp_spawn)
+            self.net[1].register_forward_hook(
+                lambda m, i, o: self.seen.append(o.detach().clone()) if self.training else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -46,7 +47,8 @@ def _loader(n: int = 40, seed: int = 1) -> torch.utils.data.DataLoader:
 
 
 def _trainer(**kw):
-    return pl.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False,
+    kw.setdefault("devices", 2 if "strategy" in kw else 1)
+    return pl.Trainer(accelerator="cpu", enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, **kw)
 
 
@@ -115,3 +117,59 @@ def test_a_probe_needs_the_modules_forward() -> None:
     cb = BiasShiftCallback(probe=(torch.randn(8, 5), torch.zeros(8, dtype=torch.long)))
     with pytest.raises(TypeError, match="defines no forward"):
         _trainer(fast_dev_run=1, callbacks=[cb]).fit(NoForward(), _loader())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_under_ddp_the_logged_statistics_are_those_of_all_ranks(tmp_path) -> None:
+    """Two CPU ranks (ddp_spawn, gloo), batches of 8 per rank: rank zero logs what one process
+    logs with batches of 16 (the union of the ranks' batches; DDP averages equal shards)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def fit(name: str, batch: int, **kw) -> EventAccumulator:
+        tb = pl.loggers.TensorBoardLogger(tmp_path, name=name, version=0)
+        cb = BiasShiftCallback(histogram=dict(bins=8, range=(-1.0, 1.0)))
+        if batch == 8:  # each rank its interleaved shard (DistributedSampler, in order)
+            _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=tb,
+                     callbacks=[cb], use_distributed_sampler=False, **kw).fit(ShardedNet())
+        else:
+            _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=tb,
+                     callbacks=[cb], **kw).fit(Net(record=False), _loader16())
+        acc = EventAccumulator(str(tmp_path / name / "version_0"),
+                               size_guidance={"scalars": 0, "histograms": 0})
+        acc.Reload()
+        return acc
+
+    one = fit("one", 16)
+    two = fit("two", 8, strategy="ddp_spawn")
+    for key in ("median_unit_mean", "frac_negative", "mean_unit_std"):
+        a = two.Scalars(f"biasshift/net.1/{key}")
+        b = one.Scalars(f"biasshift/net.1/{key}")
+        assert [e.step for e in a] == [e.step for e in b] == [2]
+        assert a[0].value == pytest.approx(b[0].value, rel=1e-5, abs=1e-7), key
+    h2 = two.Histograms("biasshift/net.1/activations")[0].histogram_value
+    h1 = one.Histograms("biasshift/net.1/activations")[0].histogram_value
+    assert h2.num == h1.num == 2 * 16 * 6 and list(h2.bucket) == list(h1.bucket)
+
+
+def _loader16() -> torch.utils.data.DataLoader:
+    """The samples of `_loader()` in the order DistributedSampler gives two ranks' batches of 8
+    together: rank 0 takes 0, 2, 4, ..., rank 1 takes 1, 3, 5, ...; batch t of the union holds
+    rank 0's batch t and rank 1's batch t."""
+    ds = _loader().dataset
+    order = [i for t in range(2) for r in range(2) for i in range(16 * t + r, 16 * t + 16, 2)]
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=16)
+
+
+class ShardedNet(Net):
+    def __init__(self) -> None:
+        super().__init__(record=False)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        ds = _loader().dataset
+        sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
+        return torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
