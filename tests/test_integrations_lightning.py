@@ -173,3 +173,23 @@ class ShardedNet(Net):
         ds = _loader().dataset
         sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
         return torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
+
+
+def test_a_resumed_fit_continues_the_snapshots(tmp_path) -> None:
+    """Two epochs, or one epoch, a checkpoint and a resumed second epoch: the same history."""
+    def fit(epochs: int, ckpt: str | None = None, save: bool = False):
+        cb = BiasShiftCallback(reset_every_epoch=False)
+        extra = dict(enable_checkpointing=True, default_root_dir=tmp_path) if save else {}
+        trainer = pl.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False,
+                             enable_model_summary=False, logger=False, max_epochs=epochs,
+                             limit_train_batches=3, limit_val_batches=0, callbacks=[cb],
+                             **({"enable_checkpointing": False} | extra))
+        trainer.fit(Net(record=False), _loader(), ckpt_path=ckpt)
+        return cb, trainer
+
+    whole, _ = fit(2)
+    _, first = fit(1, save=True)
+    ckpt = first.checkpoint_callback.best_model_path
+    assert ckpt
+    resumed, _ = fit(2, ckpt=ckpt)
+    pd.testing.assert_frame_equal(resumed.monitor.history(), whole.monitor.history())

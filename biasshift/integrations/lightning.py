@@ -30,6 +30,10 @@ What it does
       Lightning's ``on_before_optimizer_step`` to ``on_train_batch_end``) and its medians of
       the tracked cosines and bias shifts are logged the same way.
 
+Checkpoints
+    The callback's ``state_dict`` (the monitor's statistics and snapshots, the probe's
+    measurements) goes into Lightning's checkpoints; ``fit(..., ckpt_path=...)`` continues it.
+
 Distributed (Lightning's DDP strategy)
     Every rank runs the callback; the statistics are those of all ranks together
     (:mod:`biasshift.distributed`: the snapshot and the probe are collectives, the hooks are
@@ -123,6 +127,7 @@ class BiasShiftCallback(Callback):
         if self.monitor is None:
             self.monitor = ActivationMonitor(pl_module, self.modules, self.unit_dim,
                                              histogram=self.histogram, **self.monitor_kwargs)
+            self._restore()  # a checkpoint loaded before the fit started
         if self.probe_batch is not None and self.probe is None:
             forward = getattr(type(pl_module), "forward", None)
             owner = str(getattr(forward, "__module__", "")).split(".")[0]
@@ -132,6 +137,28 @@ class BiasShiftCallback(Callback):
                                 "`def forward(self, x): return self.net(x)` (or pass no probe)")
             x, y = self.probe_batch
             self.probe = BiasShiftProbe(pl_module, x, y, **self.probe_kwargs)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's statistics and snapshots and the probe's measurements, saved in
+        Lightning checkpoints so that ``fit(..., ckpt_path=...)`` continues them."""
+        return {"monitor": self.monitor.state_dict() if self.monitor is not None else None,
+                "probe": self.probe_history().to_dict("list")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        if self.monitor is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        state = getattr(self, "_restored", None)
+        if not state:
+            return
+        self._restored = None
+        if state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])
+        probe = pd.DataFrame(state.get("probe") or {})
+        self._probe_frames = [probe] if len(probe) else []
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._set_hooks(False)
