@@ -99,7 +99,7 @@ def data(args: argparse.Namespace, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    distributed = "RANK" in os.environ
+    distributed = dist.is_torchelastic_launched()  # started by torchrun
     cuda = torch.cuda.is_available()
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
