@@ -75,7 +75,10 @@ def measure_monitor(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, sy
     if spill:  # the combined rows, written by rank 0 only
         mon.snapshot(epoch=0, to=f"{spill}.{sync}.{dist.get_rank()}.csv", **kw)
     ps = probe_statistics(wrapped, torch.cat(probe), ["1", "module.4"], **kw)
+    means_only = probe_statistics(wrapped, torch.cat(probe), ["1", "module.4"], medians=False,
+                                  **kw)
     return {
+        "probe_means_only": means_only.to_frame(),
         "stats": mon.stats(**kw),
         "hist": mon.histograms(**kw),
         "history": mon.history(),
@@ -102,6 +105,7 @@ def measure_fisher(shards: list[list[tuple[torch.Tensor, torch.Tensor]]], *, syn
         out[f"gradient/{n}"] = uf.gradient(n, **kw)
         out[f"E_p_a/{n}"] = uf.moments(n, **kw).E_p_a
         out[f"blocks/{n}"] = torch.cat([b for _, b in uf.blocks(n, **kw)])
+        out[f"ng/{n}"] = uf.natural_gradient(n, damping=1e-3, **kw)
     out["report"] = uf.report(damping=1e-3, **kw)
     return out
 

@@ -65,7 +65,7 @@ def test_monitor_and_probe_equal_the_union_on_every_rank(ranks):
     ref = W.measure_monitor(parts, sync=None, probe=W.probe_shards())
     assert ref["stats"]["nonfinite"].sum() > 0  # the NaN on rank 1 reached the statistics
     for got in ranks["monitor"]:
-        for key in ("stats", "hist", "history", "probe"):
+        for key in ("stats", "hist", "history", "probe", "probe_means_only"):
             _close(got[key], ref[key])
     # identical on both ranks, bit for bit
     a, b = ranks["monitor"]
@@ -87,7 +87,7 @@ def test_sync_false_gives_each_ranks_own_statistics(ranks):
     probe = W.probe_shards()
     for r, got in enumerate(ranks["monitor_local"]):
         ref = W.measure_monitor([parts[r]], sync=None, probe=[probe[r]])
-        for key in ("stats", "hist", "history", "probe"):
+        for key in ("stats", "hist", "history", "probe", "probe_means_only"):
             pd.testing.assert_frame_equal(got[key], ref[key])
 
 

@@ -106,7 +106,8 @@ class ProbeStatistics:
     def to_frame(self) -> pd.DataFrame:
         """A tidy table, one row per (module, unit).
 
-        Columns: ``module, unit, mean, median, samples, nonfinite``.
+        Columns: ``module, unit, mean, median, samples, nonfinite`` (``median`` NaN when the
+        statistics were taken with ``medians=False``).
         """
         frames = []
         for n in self.modules:
@@ -115,7 +116,8 @@ class ProbeStatistics:
                 "module": n,
                 "unit": range(units),
                 "mean": self.mean[n].detach().double().cpu().numpy(),
-                "median": self.median[n].detach().double().cpu().numpy(),
+                "median": (self.median[n].detach().double().cpu().numpy()
+                           if n in self.median else float("nan")),  # medians=False
                 "samples": self.samples.get(n, 0),
                 "nonfinite": self.nonfinite[n].detach().cpu().numpy(),
             }))
