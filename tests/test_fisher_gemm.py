@@ -77,7 +77,7 @@ def _brute_pair(X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
 
 
 def _brute_true(X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    N, _, L, n1 = X.shape
+    N, n1 = X.shape[0], X.shape[-1]
     R, U = D.shape[1], D.shape[-1]
     out = torch.zeros(U, n1, n1, dtype=X.dtype)
     for u in range(U):
