@@ -36,28 +36,41 @@ __all__ = ["StackedElementwise", "StackedLinear", "StackedSequential", "stackabl
 
 
 class StackedLinear(nn.Module):
-    """``K`` ``nn.Linear`` layers of one shape: ``weight (K, out, in)``, ``bias (K, out)``."""
+    """``K`` ``nn.Linear`` layers of one shape.
+
+    The weights are held transposed, ``weight_t (K, in, out)`` (``weight_t[k] = W_kᵀ``), so that
+    the forward ``b_k + x_k W_kᵀ`` is one ``baddbmm`` on contiguous operands and the backward's
+    ``∇W_kᵀ = x_kᵀ ∇out_k`` is produced in the parameter's own layout (no transposing copy when
+    it is accumulated into ``.grad``); ``bias (K, out)``.  :attr:`weight` is the ``(K, out, in)``
+    view.
+    """
 
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
         self.in_features = layers[0].in_features
         self.out_features = layers[0].out_features
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]).clone())
+        self.weight_t = nn.Parameter(
+            torch.stack([m.weight.detach().T for m in layers]).contiguous())
         has_bias = layers[0].bias is not None
         self.bias = (nn.Parameter(torch.stack([m.bias.detach() for m in layers]).clone())  # type: ignore[union-attr]
                      if has_bias else None)
 
+    @property
+    def weight(self) -> Tensor:
+        """``(K, out, in)``: a view of :attr:`weight_t`."""
+        return self.weight_t.mT
+
     def forward(self, x: Tensor) -> Tensor:
         """``(K, N, in)`` or shared ``(N, in)`` to ``(K, N, out)``."""
         if x.ndim == 2:  # every member sees the same batch
-            out = torch.matmul(x, self.weight.mT)
+            out = torch.matmul(x, self.weight_t)
             return out if self.bias is None else out + self.bias.unsqueeze(1)
         if self.bias is None:
-            return torch.bmm(x, self.weight.mT)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.mT)
+            return torch.bmm(x, self.weight_t)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_t)
 
     def extra_repr(self) -> str:
-        return (f"members={self.weight.shape[0]}, in_features={self.in_features}, "
+        return (f"members={self.weight_t.shape[0]}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
@@ -77,9 +90,11 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
 
 
 class StackedElementwise(nn.Module):
-    """``K`` element-wise modules (activations): one call per group of equal members.
+    """``K`` element-wise modules (activations): one call per run of equal members.
 
-    ``members`` holds the ``K`` modules (so member views share them, parameters included).
+    ``members`` holds the ``K`` modules (member views share them).  All members equal: one
+    call on the whole ``(K, ...)`` tensor; otherwise one call per contiguous run of equal
+    members (``runs``), joined by one ``torch.cat``.
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
@@ -94,20 +109,20 @@ class StackedElementwise(nn.Module):
             else:
                 groups.append([k])
         self.groups = groups
+        # contiguous runs of equal members (the runner orders runs by activation): one call
+        # per run, joined by one torch.cat
+        runs: list[tuple[int, int]] = []
+        for k, m in enumerate(modules):
+            if runs and _same_module(modules[runs[-1][0]], m):
+                runs[-1] = (runs[-1][0], k + 1)
+            else:
+                runs.append((k, k + 1))
+        self.runs = runs
 
     def forward(self, x: Tensor) -> Tensor:
         if len(self.groups) == 1:
             return self.members[0](x)
-        parts: list[Tensor | None] = [None] * len(self.members)
-        for g in self.groups:
-            if g == list(range(g[0], g[-1] + 1)):  # a contiguous run of members: one call
-                y = self.members[g[0]](x[g[0]:g[-1] + 1])
-                for i, k in enumerate(g):
-                    parts[k] = y[i]
-            else:
-                for k in g:
-                    parts[k] = self.members[k](x[k])
-        return torch.stack(parts)  # type: ignore[arg-type]
+        return torch.cat([self.members[a](x[a:b]) for a, b in self.runs])
 
 
 def stackable(model: nn.Module) -> str | None:
@@ -225,7 +240,7 @@ class StackedSequential(nn.Module):
             layer = self.layers[name]
             if isinstance(layer, StackedLinear):
                 assert isinstance(m, nn.Linear)
-                m.weight = nn.Parameter(layer.weight.data[k], requires_grad=False)
+                m.weight = nn.Parameter(layer.weight_t.data[k].T, requires_grad=False)
                 if layer.bias is not None:
                     m.bias = nn.Parameter(layer.bias.data[k], requires_grad=False)
             elif isinstance(layer, StackedElementwise):
