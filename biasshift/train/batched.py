@@ -87,15 +87,17 @@ def batchable(trainer: Trainer) -> str | None:
 def member_bytes(model: nn.Module, batch_size: int, eval_batch_size: int,
                  itemsize: int = 4) -> int:
     """Bytes one member adds to a stack: parameters, gradients and the update temporary (3 per
-    weight), and per ``nn.Linear`` the input and output kept for the backward pass at the
-    training batch (plus their gradients) and the output of an evaluation chunk."""
+    weight), per ``nn.Linear`` the input and output kept for the backward pass at the training
+    batch (plus their gradients), and the two widest outputs of an evaluation chunk (without
+    gradients only consecutive layers' outputs are alive)."""
     params = sum(p.numel() for p in model.parameters())
     act = 0
+    widest = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
             act += batch_size * (m.in_features + 3 * m.out_features)
-            act += eval_batch_size * 2 * m.out_features
-    return int((3 * params + act) * itemsize)
+            widest = max(widest, m.out_features)
+    return int((3 * params + act + 2 * eval_batch_size * widest) * itemsize)
 
 
 def stack_size(budget: int, per_member: int, runs: int) -> int:
