@@ -420,7 +420,7 @@ def hand_woodbury(Xa: torch.Tensor, w: torch.Tensor, damping: float):
 
 
 def table_row(name: str, dtype: torch.dtype, fisher: str, peers: list[str],
-              repeat: int) -> dict:
+              repeat: int, args_peer_budget: int = 2**31) -> dict:
     from biasshift import UnitFisher
     from biasshift.fisher.blocks import pair_gram, true_gram
 
@@ -461,8 +461,18 @@ def table_row(name: str, dtype: torch.dtype, fisher: str, peers: list[str],
         w = st.pair_w(slice(None), dtype)
         t["woodbury"] = _timed(lambda: woodbury_setup(st, 1e-3), repeat)
         t["hand_woodbury"] = _timed(lambda: hand_woodbury(Xa, w, 1e-3), repeat)
+    item = torch.finfo(dtype).bits // 8
+    R = 1 if fisher == "empirical" else 10
     for peer in peers:
         fn = {"asdl": peer_asdl, "backpack": peer_backpack, "torch.func": peer_func}[peer]
+        # the peers hold per-sample (per-class) gradients, ASDL the per-sample outer products
+        # of a Linear layer's inputs: skip a peer whose working set would not fit
+        need = 3 * R * x.shape[0] * U * n1 * item
+        if peer == "asdl" and case["kind"] == "linear":
+            need = max(need, 2 * x.shape[0] * n1 * n1 * item * R)
+        if need > args_peer_budget:
+            row[f"{peer}_error"] = f"skipped: needs about {need / 2**30:.1f} GiB"
+            continue
         try:
             t[peer] = _timed(lambda fn=fn, m=copies[peer]: fn(m, x, y, fisher),
                              max(1, repeat - 1))
@@ -499,7 +509,8 @@ def gemm_table(args: argparse.Namespace) -> None:
         rates[dt_name] = matmul_rate(dtype, args.repeat)
         for name in args.table_cases.split(","):
             for fisher in args.kinds.split(","):
-                row = table_row(name, dtype, fisher, peers, args.repeat)
+                row = table_row(name, dtype, fisher, peers, args.repeat,
+                                args.peer_budget)
                 row["matmul_gflops"] = rates[dt_name]
                 row["matrix_pct_of_matmul"] = 100 * row["matrix_gflops"] / rates[dt_name]
                 rows.append(row)
@@ -549,6 +560,8 @@ def main() -> None:
     ap.add_argument("--peers", default="asdl,backpack,torch.func",
                     help="comma-separated peers for --table ('' for none)")
     ap.add_argument("--repeat", type=int, default=3, help="--table: best of this many")
+    ap.add_argument("--peer-budget", type=int, default=2**31,
+                    help="--table: bytes a peer's working set may take (larger: skipped)")
     ap.add_argument("--threads", type=int, default=1, help="--table: torch threads")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()

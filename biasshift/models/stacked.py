@@ -94,7 +94,7 @@ class StackedElementwise(nn.Module):
 
     ``members`` holds the ``K`` modules (member views share them).  All members equal: one
     call on the whole ``(K, ...)`` tensor; otherwise one call per contiguous run of equal
-    members (``runs``), joined by one ``torch.cat``.
+    members (``runs``, on ``torch.split`` parts), joined by one ``torch.cat``.
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
@@ -122,7 +122,10 @@ class StackedElementwise(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if len(self.groups) == 1:
             return self.members[0](x)
-        return torch.cat([self.members[a](x[a:b]) for a, b in self.runs])
+        # split (not slices): its backward is one cat, where every slice's backward would
+        # fill a zero tensor of the whole input
+        parts = x.split([b - a for a, b in self.runs])
+        return torch.cat([self.members[a](p) for (a, _), p in zip(self.runs, parts)])
 
 
 def stackable(model: nn.Module) -> str | None:
