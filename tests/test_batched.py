@@ -244,3 +244,30 @@ def test_analysis_with_batch_runs_equals_one_by_one(tmp_path) -> None:
                           batch_runs=1, resume=True)
     again = run_analysis(s3, progress=False)
     assert all(o.reused for o in again.outcomes)
+
+
+def test_member_views_are_live_and_seen_as_own_models() -> None:
+    from biasshift import UnitFisher
+    from biasshift.monitor import probe_statistics
+
+    models = [net(a) for a in ("elu", "srelu", "srelu")]
+    stack = StackedSequential(models)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 64, generator=g)
+    y = torch.randint(0, 10, (12,), generator=g)
+    for k, m in enumerate(models):
+        view = stack.member(k)
+        assert [n for n, _ in view.named_modules()] == [n for n, _ in m.named_modules()]
+        torch.testing.assert_close(view(x), m(x))
+        torch.testing.assert_close(stack.forward_shared(x)[k], m(x), rtol=1e-6, atol=1e-6)
+        a, b = UnitFisher(m, layers=["fc2"]), UnitFisher(view, layers=["fc2"])
+        a.accumulate(x, y)
+        b.accumulate(x, y)
+        torch.testing.assert_close(b.matrix("fc2"), a.matrix("fc2"))
+        pa, pb = probe_statistics(m, x), probe_statistics(view, x)
+        torch.testing.assert_close(pb.mean["act1"], pa.mean["act1"])
+    # live: an in-place change of the stack is seen by the view
+    view = stack.member(1)
+    with torch.no_grad():
+        stack.layers["fc1"].bias[1].add_(1.0)
+    torch.testing.assert_close(view.fc1.bias, models[1].fc1.bias + 1.0)
