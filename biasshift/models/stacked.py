@@ -62,8 +62,10 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(K, N, in)`` or shared ``(N, in)`` to ``(K, N, out)``."""
-        if x.ndim == 2:  # every member sees the same batch
-            out = torch.matmul(x, self.weight_t)
+        if x.ndim == 2:  # every member sees the same batch: one (N, in) @ (in, K·out) GEMM
+            K, n_in, n_out = self.weight_t.shape
+            w = self.weight_t.permute(1, 0, 2).reshape(n_in, K * n_out)
+            out = (x @ w).reshape(x.shape[0], K, n_out).transpose(0, 1)
             return out if self.bias is None else out + self.bias.unsqueeze(1)
         if self.bias is None:
             return torch.bmm(x, self.weight_t)
