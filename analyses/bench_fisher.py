@@ -468,8 +468,8 @@ def table_row(name: str, dtype: torch.dtype, fisher: str, peers: list[str],
         # the peers hold per-sample (per-class) gradients, ASDL the per-sample outer products
         # of a Linear layer's inputs: skip a peer whose working set would not fit
         need = 3 * R * x.shape[0] * U * n1 * item
-        if peer == "asdl" and case["kind"] == "linear":
-            need = max(need, 2 * x.shape[0] * n1 * n1 * item * R)
+        if peer == "asdl" and case["kind"] == "linear":  # one class at a time
+            need = max(need // R, 2 * x.shape[0] * n1 * n1 * item)
         if need > args_peer_budget:
             row[f"{peer}_error"] = f"skipped: needs about {need / 2**30:.1f} GiB"
             continue
