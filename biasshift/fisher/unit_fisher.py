@@ -550,7 +550,11 @@ class UnitFisher:
             # one output, each chunk's blocks written into its slice (no concatenation pass)
             if out is None:
                 out = torch.empty(spec.units, spec.n1, spec.n1, dtype=dtype, device=st.device)
-            for j, sl in st.unit_chunks(None, budget, torch.finfo(dtype).bits // 8):
+            # the blocks go straight into the output, so a chunk's working set is only the
+            # scaled factors (row-chunked inside the Gram products): one chunk per group,
+            # unless dense sums of another dtype must be converted chunk by chunk
+            per_unit = 3 * spec.n1**2 if (st.is_dense and dtype != st.dtype) else spec.n1
+            for j, sl in st.unit_chunks(per_unit, budget, torch.finfo(dtype).bits // 8):
                 st.blocks(j, sl, positions=positions, dtype=dtype, budget=budget, out=out[sl])
             return out
         device = st.device
