@@ -16,7 +16,7 @@ from torch import nn
 from biasshift import UnitFisher
 from biasshift.fisher.blocks import Source, WoodburySolver, pair_gram, true_gram
 from biasshift.fisher.capture import nonfinite_flag
-from tests.unit_fisher_reference import empirical_fisher, exact_categorical_fisher
+from unit_fisher_reference import empirical_fisher, exact_categorical_fisher
 
 DT = torch.float64
 
