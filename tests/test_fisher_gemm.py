@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from unit_fisher_reference import empirical_fisher, exact_categorical_fisher
 
 from biasshift import UnitFisher
 from biasshift.fisher.blocks import Source, WoodburySolver, pair_gram, true_gram
 from biasshift.fisher.capture import nonfinite_flag
-from unit_fisher_reference import empirical_fisher, exact_categorical_fisher
 
 DT = torch.float64
 
