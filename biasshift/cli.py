@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--jobs", type=_positive, metavar="N",
                      help="runs trained in parallel processes (default: as many as runs and "
                           "cores allow)")
+    rep.add_argument("--batch-runs", default=None, metavar="K",
+                     help="train up to K runs that share an architecture as one stacked model "
+                          "(batched GEMMs; 1 = one by one, 'auto' = as many as fit a quarter of "
+                          "the free memory; default: the analysis's, 'auto' for "
+                          "activation-median)")
     rep.add_argument("--threads", type=_positive, metavar="N",
                      help="torch threads per run (default: the cores left per job, usually 1; "
                           "jobs x threads above the cores is warned about)")
@@ -258,7 +263,7 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str], work_dir: list[Pat
             batch_size=args.batch_size, probe_size=args.probe_size, device=args.device,
             out=args.out, work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
             keep_checkpoints=args.keep_checkpoints, jobs=args.jobs, threads=args.threads,
-            options=dict(args.options),
+            options=dict(args.options), batch_runs=args.batch_runs,
         )
     _print_warnings(caught)
     if args.list_runs:

@@ -196,9 +196,13 @@ class _CenteredWoodbury:
     def __init__(self, X: Tensor, K: Tensor, d: Tensor, Et: Tensor, lam: Tensor) -> None:
         self.X, self.d, self.Et, self.lam = X, d, Et, lam
         v = Et @ X.T  # (B, P)
-        Ku = K - v.unsqueeze(-1) - v.unsqueeze(-2)
-        Ku += _dot(Et, Et)[:, None, None]
-        C = d.unsqueeze(-1) * Ku * d.unsqueeze(-2)
+        # C = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d) = (ddᵀ)∘K − z dᵀ − d zᵀ with
+        # z = d∘v − |Ẽ|²d/2: one (B, P, P) allocation, two scaling passes and one in-place
+        # rank-2 update (instead of five full-size temporaries)
+        z = d * v - 0.5 * _dot(Et, Et).unsqueeze(-1) * d
+        C = torch.mul(K, d.unsqueeze(-1))
+        C.mul_(d.unsqueeze(-2))
+        C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
         self.L, info = torch.linalg.cholesky_ex(C)
         self.bad = (info != 0) | ~(lam > 0)

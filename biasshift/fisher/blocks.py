@@ -24,6 +24,7 @@ samples); the chunk size comes from a memory budget in bytes.  For ``L = 1`` the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,39 +76,80 @@ def _select(D: Tensor, units: slice | Tensor) -> Tensor:
     return D[..., units]
 
 
-def pair_gram(sources: Sequence[Source], group: int, units: slice | Tensor, *,
-              dtype: torch.dtype, budget: int) -> Tensor:
-    r"""``Σ_pairs w ã ãᵀ`` (``w = Σ_r δ_r²``) for the given units of ``group``: ``(B, n1, n1)``.
+def _row_scales(D: Tensor, scale: float) -> Tensor:
+    """``√(scale · Σ_r δ_r²)`` of selected units' ``D (N, R, L, B)`` as ``(B, N·L)``."""
+    N, R, L, B = D.shape
+    s = D[:, 0].abs() if R == 1 else D.square().sum(1).sqrt_()
+    s = s.reshape(N * L, B).T
+    return s if scale == 1.0 else s * math.sqrt(scale)
 
-    ``units`` are layer unit indices (a slice or index tensor) inside ``group``.  Rows are
-    processed in chunks so that the temporary ``w ã`` fits ``budget`` bytes.
+
+class _GramSink:
+    """Where the Gram products of one call go: straight into ``out`` (overwritten by the first
+    product, or added to with ``accumulate``), else into a tensor made by the first product;
+    later products accumulate in place (``baddbmm_``): no temporary block, no extra pass."""
+
+    def __init__(self, out: Tensor | None, accumulate: bool) -> None:
+        self.acc = out
+        self.fresh = not accumulate
+
+    def add(self, A: Tensor) -> None:
+        """``acc (+)= Aᵀ A`` for a batch ``A (B, M, n1)`` (any strides)."""
+        if self.acc is None:
+            self.acc = torch.bmm(A.mT, A)
+        elif self.fresh:
+            torch.bmm(A.mT, A, out=self.acc)
+        else:
+            self.acc.baddbmm_(A.mT, A)
+        self.fresh = False
+
+    def result(self) -> Tensor:
+        assert self.acc is not None and not self.fresh, "no stored factors"
+        return self.acc
+
+
+def pair_gram(sources: Sequence[Source], group: int, units: slice | Tensor, *,
+              dtype: torch.dtype, budget: int, out: Tensor | None = None,
+              scale: float = 1.0, accumulate: bool = False) -> Tensor:
+    r"""``scale · Σ_pairs w ã ãᵀ`` (``w = Σ_r δ_r²``) for the given units of ``group``:
+    ``(B, n1, n1)``.
+
+    ``units`` are layer unit indices (a slice or index tensor) inside ``group``.  Each chunk of
+    rows is one batched GEMM ``Sᵀ S`` with ``S = diag(√(scale·w)) X`` (the scale, e.g. ``1/P``
+    for a mean, folded into the small factor), written straight into ``out`` when given (a
+    preallocated ``(B, n1, n1)`` view, e.g. a slice of the whole layer's result; with
+    ``accumulate`` added to it) and accumulated in place after that: no full-size temporary, no
+    division pass.  Rows are processed in chunks so that the temporary ``S`` fits ``budget``
+    bytes.
     """
-    out: Tensor | None = None
     item = torch.finfo(dtype).bits // 8
+    sink = _GramSink(out, accumulate)
     for src in sources:
         N, _, L, n1 = src.X.shape
         M = N * L
         Xj = src.X[:, group].reshape(M, n1).to(dtype)
-        w = _select(src.D, units).to(dtype).square().sum(1).reshape(M, -1).T  # (B, M)
-        B = w.shape[0]
+        s = _row_scales(_select(src.D, units).to(dtype), scale)  # (B, M)
+        B = s.shape[0]
         rc = _rows_per_chunk(M, B * n1 * item, budget)
         for r0 in range(0, M, rc):
-            Xr = Xj[r0:r0 + rc]
-            part = torch.matmul(Xr.T, Xr.unsqueeze(0) * w[:, r0:r0 + rc, None])
-            out = part if out is None else out.add_(part)
-    assert out is not None, "no stored factors"
-    return out
+            sink.add(Xj[r0:r0 + rc].unsqueeze(0) * s[:, r0:r0 + rc, None])
+    return sink.result()
 
 
 def true_gram(sources: Sequence[Source], group: int, units: slice | Tensor, *,
-              dtype: torch.dtype, budget: int) -> Tensor:
-    r"""``Σ_i Σ_r g_ir g_irᵀ`` with ``g_ir = Σ_p δ_irp ã_ip`` for the given units: ``(B, n1, n1)``.
+              dtype: torch.dtype, budget: int, out: Tensor | None = None,
+              scale: float = 1.0, accumulate: bool = False) -> Tensor:
+    r"""``scale · Σ_i Σ_r g_ir g_irᵀ`` with ``g_ir = Σ_p δ_irp ã_ip`` for the given units:
+    ``(B, n1, n1)``.
 
     The position-summed per-sample gradients of a chunk of units come from one batched matmul
-    ``(N, R·B, L) @ (N, L, n1)``; samples are processed in chunks that fit ``budget`` bytes.
+    ``(N, R·B, L) @ (N, L, n1)`` (``δ`` pre-scaled by ``√scale``); their Gram matrices are one
+    more batched GEMM over a strided view of that product (no copy), written into ``out`` as
+    in :func:`pair_gram`.  Samples are processed in chunks that fit ``budget`` bytes.
     """
-    out: Tensor | None = None
     item = torch.finfo(dtype).bits // 8
+    sink = _GramSink(out, accumulate)
+    root = math.sqrt(scale)
     for src in sources:
         N, _, L, n1 = src.X.shape
         R = src.D.shape[1]
@@ -115,20 +157,23 @@ def true_gram(sources: Sequence[Source], group: int, units: slice | Tensor, *,
         B = Dsel.shape[-1]
         if L == 1:
             # g_ir = δ_ir ã_i: the true block is the δ²-weighted Gram of the samples.
-            part = pair_gram([Source(src.X, Dsel)], group, slice(None), dtype=dtype,
-                             budget=budget)
-            out = part if out is None else out.add_(part)
+            Xj = src.X[:, group].reshape(N, n1).to(dtype)
+            s = _row_scales(Dsel.to(dtype), scale)
+            rc = _rows_per_chunk(N, B * n1 * item, budget)
+            for r0 in range(0, N, rc):
+                sink.add(Xj[r0:r0 + rc].unsqueeze(0) * s[:, r0:r0 + rc, None])
             continue
         nc = _rows_per_chunk(N, 2 * R * B * n1 * item + L * n1 * item, budget)
         for n0 in range(0, N, nc):
             Xc = src.X[n0:n0 + nc, group].to(dtype)  # (nc, L, n1)
             m = Xc.shape[0]
             Dc = Dsel[n0:n0 + nc].to(dtype).permute(0, 1, 3, 2).reshape(m, R * B, L)
+            if root != 1.0:
+                Dc = Dc * root
+            # (m, R·B, n1) viewed as (B, m·R, n1): a strided view, no copy
             G = torch.bmm(Dc, Xc).reshape(m, R, B, n1).permute(2, 0, 1, 3).reshape(B, m * R, n1)
-            part = torch.matmul(G.mT, G)
-            out = part if out is None else out.add_(part)
-    assert out is not None, "no stored factors"
-    return out
+            sink.add(G)
+    return sink.result()
 
 
 class WoodburySolver(Solver):
@@ -149,7 +194,8 @@ class WoodburySolver(Solver):
         if not damping > 0:
             raise ValueError("the Woodbury solve needs damping > 0")
         self.X, self.d, self.lam = X, d, float(damping)
-        C = d.unsqueeze(-1) * K * d.unsqueeze(-2)
+        C = torch.mul(K, d.unsqueeze(-1))  # one (B, P, P) allocation, scaled in place
+        C.mul_(d.unsqueeze(-2))
         C.diagonal(dim1=-2, dim2=-1).add_(self.lam)
         self.L, info = torch.linalg.cholesky_ex(C)
         self.bad = info != 0

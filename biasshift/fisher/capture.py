@@ -54,6 +54,8 @@ __all__ = [
     "adapter_for",
     "delta_rows",
     "incoming",
+    "incoming_checked",
+    "nonfinite_flag",
     "register_adapter",
     "resolve_layers",
 ]
@@ -284,17 +286,45 @@ def resolve_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str,
 
 def incoming(spec: LayerSpec, x: Tensor, dtype: torch.dtype) -> Tensor:
     """The incoming vectors ``ã`` of every unit: ``(N, groups, L, n1)``, bias column first."""
+    return incoming_checked(spec, x, dtype, sanitize=False)[0]
+
+
+def nonfinite_flag(t: Tensor) -> Tensor:
+    """0-dim bool: ``t`` holds a NaN or ±Inf (no host sync).  One read pass without a
+    temporary (:func:`torch.aminmax`: a NaN propagates into both, an Inf is the min or max),
+    cheaper than ``~isfinite(t).all()``, which writes and reads a boolean tensor of ``t``'s
+    size, and exact (a sum could overflow)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def incoming_checked(spec: LayerSpec, x: Tensor, dtype: torch.dtype, *,
+                     sanitize: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`incoming` and a 0-dim bool flag "non-finite input" (no host sync).
+
+    With ``sanitize`` the copy into the result is :func:`torch.nan_to_num` (NaN and ±Inf to 0):
+    the one pass that builds ``ã`` also cleans it, so nothing non-finite reaches a sum.
+    """
     adapter = spec.adapter
     adapter.check_input(spec, x)
     a = adapter.rows(spec, x)
+    # the flag of the layer's input itself: the rows hold its values (and padding), and it is
+    # contiguous and smaller than the unfolded patches
+    bad = nonfinite_flag(x.detach()) if sanitize else torch.zeros((), dtype=torch.bool,
+                                                                   device=a.device)
     N, g, L, _ = a.shape
     out = torch.empty(N, g, L, spec.n1, dtype=dtype, device=a.device)
+    body = out[..., 1:] if spec.has_bias else out
     if spec.has_bias:
         out[..., 0] = 1
-        out[..., 1:] = a
+    if sanitize:
+        torch.nan_to_num(a.to(dtype) if a.dtype != dtype else a, nan=0.0, posinf=0.0,
+                         neginf=0.0, out=body)
     else:
-        out.copy_(a)
-    return out
+        body.copy_(a)
+    return out, bad
 
 
 def delta_rows(spec: LayerSpec, grad_out: Tensor) -> Tensor:
@@ -307,6 +337,7 @@ class Captured:
     """What one forward pass recorded for a layer."""
 
     x: Tensor | None = None
+    bad_x: Tensor | None = None  # 0-dim bool: the input held NaN/Inf (zeroed in ``x``)
     edge: GradientEdge | Tensor | None = None
     out_shape: tuple[int, ...] = ()
     calls: int = 0
@@ -355,7 +386,7 @@ class Capture:
             raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
         x = inputs[0]
         # A copy made now: later in-place changes of the input cannot alter it.
-        rec.x = incoming(spec, x, self.dtype)
+        rec.x, rec.bad_x = incoming_checked(spec, x, self.dtype)
         rec.out_shape = tuple(out.shape)
         if out.requires_grad:
             rec.edge = get_gradient_edge(out)

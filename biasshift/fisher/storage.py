@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from biasshift.fisher.blocks import Source, chunk_units, pair_gram, true_gram
-from biasshift.fisher.capture import LayerSpec
+from biasshift.fisher.capture import LayerSpec, nonfinite_flag
 
 __all__ = ["LayerStore"]
 
@@ -87,14 +87,23 @@ class LayerStore:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     @staticmethod
-    def batch_flags(X: Tensor, D: Tensor, given: Tensor) -> tuple[Tensor, Tensor]:
-        """0-dim bool tensors: non-finite activations, non-finite δ (no host sync)."""
-        return ~torch.isfinite(X).all(), ~(torch.isfinite(D).all() & torch.isfinite(given).all())
+    def batch_flags(X: Tensor, D: Tensor, given: Tensor, *,
+                    bad_x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """0-dim bool tensors: non-finite activations, non-finite δ (no host sync).
+
+        ``bad_x``: the activations' flag when it is already known (:class:`Capture` computes
+        it while it copies, and cleans, the rows); each flag is one reduction
+        (:func:`~biasshift.fisher.capture.nonfinite_flag`), not a boolean tensor per entry.
+        """
+        bad_a = nonfinite_flag(X) if bad_x is None else bad_x
+        return bad_a, nonfinite_flag(D) | nonfinite_flag(given)
 
     def add(self, X: Tensor, D: Tensor, given: Tensor, flags: tuple[Tensor, Tensor],
-            *, budget: int) -> None:
+            *, budget: int, clean_x: bool = False) -> None:
         """Add a batch: ``X (N, g, L, n1)``, ``D (N, R, L, U)``, ``given (N, L, U)`` (all in
-        ``self.dtype``, owned by the store; modified in place)."""
+        ``self.dtype``, owned by the store; modified in place).  ``clean_x``: ``X`` holds no
+        NaN/Inf already (e.g. from :func:`~biasshift.fisher.capture.incoming_checked`), so the
+        zeroing pass over it is skipped."""
         s = self.spec
         N, g, L, n1 = X.shape
         if self.sum_w is None:
@@ -103,7 +112,9 @@ class LayerStore:
         assert self.grad_sum is not None and self.bad_act is not None
         assert self.bad_delta is not None and self.first_bad is not None
         bad_a, bad_d = flags
-        for t in (X, D, given):
+        if not clean_x:
+            torch.nan_to_num_(X, nan=0.0, posinf=0.0, neginf=0.0)
+        for t in (D, given):
             torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
         self.bad_act += bad_a.to(torch.int64)
         self.bad_delta += bad_d.to(torch.int64)
@@ -116,10 +127,11 @@ class LayerStore:
         Xg = X.transpose(0, 1).reshape(g, M, n1)
         self.sum_a += Xg.sum(1)
         self.sum_w += w.sum((0, 1))
-        wg = w.reshape(M, g, upg).permute(1, 2, 0)
-        self.sum_wa += torch.bmm(wg, Xg).reshape(s.units, n1)
-        dg = given.reshape(M, g, upg).permute(1, 2, 0)
-        self.grad_sum += torch.bmm(dg, Xg).reshape(s.units, n1)
+        # Σ w ã and Σ δ_given ã in one batched GEMM (one read of the rows, not two)
+        wd = torch.cat([w.reshape(M, g, upg), given.reshape(M, g, upg)], 2).permute(1, 2, 0)
+        both = torch.bmm(wd, Xg)  # (g, 2·upg, n1)
+        self.sum_wa += both[:, :upg].reshape(s.units, n1)
+        self.grad_sum += both[:, upg:].reshape(s.units, n1)
 
         if L > 1 and not self.multi:
             self.multi = True
@@ -155,10 +167,11 @@ class LayerStore:
     def _add_dense(self, sources: list[Source], budget: int) -> None:
         assert self.dense_pair is not None
         for j, sl in self.unit_chunks(None, budget):
-            self.dense_pair[sl] += pair_gram(sources, j, sl, dtype=self.dtype, budget=budget)
+            pair_gram(sources, j, sl, dtype=self.dtype, budget=budget,
+                      out=self.dense_pair[sl], accumulate=True)
             if self.dense_true is not None:
-                self.dense_true[sl] += true_gram(sources, j, sl, dtype=self.dtype,
-                                                 budget=budget)
+                true_gram(sources, j, sl, dtype=self.dtype, budget=budget,
+                          out=self.dense_true[sl], accumulate=True)
 
     def fold(self, budget: int) -> None:
         """Turn the stored factors into dense running sums (exact) and drop the factors."""
@@ -187,21 +200,31 @@ class LayerStore:
 
     # ----------------------------------------------------------------------------- read
     def blocks(self, group: int, units: slice | Tensor, *, positions: str, dtype: torch.dtype,
-               budget: int) -> Tensor:
+               budget: int, out: Tensor | None = None) -> Tensor:
         """Mean unit blocks for ``units`` (layer indices inside ``group``), ``(B, n1, n1)``.
 
-        ``positions="pairs"``: ``Σ_pairs w ã ãᵀ / P``; ``"sum"``: ``Σ_i Σ_r g gᵀ / N``.
+        ``positions="pairs"``: ``Σ_pairs w ã ãᵀ / P``; ``"sum"``: ``Σ_i Σ_r g gᵀ / N``.  The
+        ``1/P`` (``1/N``) is folded into the factors, and ``out`` (a preallocated ``(B, n1, n1)``
+        tensor of ``dtype``) receives the blocks directly.
         """
         if positions == "pairs" or not self.multi:
             denom = self.n_pairs if positions == "pairs" else self.n_samples
             if self.dense_pair is not None:
-                return self.dense_pair[units].to(dtype) / denom
+                return self._scaled(self.dense_pair[units], 1.0 / denom, dtype, out)
             self.consolidate()
-            return pair_gram(self.sources, group, units, dtype=dtype, budget=budget) / denom
+            return pair_gram(self.sources, group, units, dtype=dtype, budget=budget, out=out,
+                             scale=1.0 / denom)
         if self.dense_true is not None:
-            return self.dense_true[units].to(dtype) / self.n_samples
+            return self._scaled(self.dense_true[units], 1.0 / self.n_samples, dtype, out)
         self.consolidate()
-        return true_gram(self.sources, group, units, dtype=dtype, budget=budget) / self.n_samples
+        return true_gram(self.sources, group, units, dtype=dtype, budget=budget, out=out,
+                         scale=1.0 / self.n_samples)
+
+    @staticmethod
+    def _scaled(dense: Tensor, scale: float, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+        if out is None:
+            return dense.to(dtype) * scale
+        return torch.mul(dense.to(dtype), scale, out=out)
 
     def pair_X(self, group: int, dtype: torch.dtype) -> Tensor:
         """All stored pair rows ``ã`` of ``group``, ``(P, n1)``."""

@@ -406,7 +406,7 @@ class UnitFisher:
                 D = d_given.unsqueeze(1)
             else:
                 D = torch.stack([delta_rows(spec, gr[i]).to(self.dtype) for gr in g_reps], 1)
-            flags = LayerStore.batch_flags(X, D, d_given)
+            flags = LayerStore.batch_flags(X, D, d_given, bad_x=records[n].bad_x)
             batch[n] = (X, D, d_given, flags)
         del g_given, g_reps, records
 
@@ -426,7 +426,8 @@ class UnitFisher:
             (self._first_bad_targets < 0) & invalid,
             torch.full_like(self._first_bad_targets, self._n_batches), self._first_bad_targets)
         for n, (X, D, d_given, flags) in batch.items():
-            self._stores[n].add(X, D, d_given, flags, budget=self.memory_budget // 2)
+            self._stores[n].add(X, D, d_given, flags, budget=self.memory_budget // 2,
+                                clean_x=True)
         del batch
         self._n_samples += N
         self._n_batches += 1
@@ -556,7 +557,8 @@ class UnitFisher:
 
     def matrix(self, layer: str, units: int | slice | Sequence[int] | Tensor | None = None, *,
                positions: str = "sum", dtype: torch.dtype | None = None,
-               sync: bool | None = None, process_group: Any = None) -> Tensor:
+               sync: bool | None = None, process_group: Any = None,
+               out: Tensor | None = None) -> Tensor:
         r"""The unit Fisher blocks of ``layer``: ``(units, n+1, n+1)``, index 0 = bias.
 
         ``positions="sum"`` (default): the true block, the mean over samples of
@@ -566,10 +568,15 @@ class UnitFisher:
         ``E_pairs(δ² ã ãᵀ)``.  Layers without bias give ``(units, n, n)``.  An int ``units``
         gives one ``(n+1, n+1)`` block; otherwise a slice, sequence or index tensor selects units.
         Under ``torch.distributed``: all ranks' samples (see the module docstring).
+
+        Every chunk of units is written once into one output (the ``1/N`` folded into the
+        factors): ``out``, a contiguous ``(units, n+1, n+1)`` tensor of ``dtype`` on the layer's
+        device (all units only), is reused instead of a new allocation (whose first touch, for
+        the paper's first layer 315 MB, costs about as much as the GEMM on a CPU).
         """
         view = self._view(sync, process_group)
         if view is not self:
-            return view.matrix(layer, units, positions=positions, dtype=dtype)
+            return view.matrix(layer, units, positions=positions, dtype=dtype, out=out)
         st = self._store(layer)
         self._check_positions(positions)
         self._check(st)
@@ -578,10 +585,27 @@ class UnitFisher:
         budget = self.memory_budget // 2
         single = isinstance(units, int) and not isinstance(units, bool)
         idx = self._unit_index(spec, units)
+        if out is not None:
+            shape = (spec.units, spec.n1, spec.n1)
+            if idx is not None or not isinstance(out, Tensor) or tuple(out.shape) != shape \
+                    or out.dtype != dtype or out.device != st.device or not out.is_contiguous():
+                raise ValueError(
+                    f"matrix({layer!r}, out=...): out must be a contiguous {shape} tensor of "
+                    f"{dtype} on {st.device} and units=None; got "
+                    + (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                       if isinstance(out, Tensor) else type(out).__name__)
+                    + ("" if idx is None else f" with units={units!r}"))
         if idx is None:
-            parts = [st.blocks(j, sl, positions=positions, dtype=dtype, budget=budget)
-                     for j, sl in st.unit_chunks(None, budget, torch.finfo(dtype).bits // 8)]
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+            # one output, each chunk's blocks written into its slice (no concatenation pass)
+            if out is None:
+                out = torch.empty(spec.units, spec.n1, spec.n1, dtype=dtype, device=st.device)
+            # the blocks go straight into the output, so a chunk's working set is only the
+            # scaled factors (row-chunked inside the Gram products): one chunk per group,
+            # unless dense sums of another dtype must be converted chunk by chunk
+            per_unit = 3 * spec.n1**2 if (st.is_dense and dtype != st.dtype) else spec.n1
+            for j, sl in st.unit_chunks(per_unit, budget, torch.finfo(dtype).bits // 8):
+                st.blocks(j, sl, positions=positions, dtype=dtype, budget=budget, out=out[sl])
+            return out
         device = st.device
         out = torch.empty(idx.numel(), spec.n1, spec.n1, dtype=dtype, device=device)
         upg = spec.units_per_group

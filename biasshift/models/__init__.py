@@ -7,9 +7,11 @@ from biasshift.models.conv import (
     imagenet_conv15,
 )
 from biasshift.models.mlp import autoencoder, count_parameters, he_init_, mlp, paper_mlp
+from biasshift.models.stacked import StackedSequential
 
 __all__ = [
     "SpatialPyramidPool",
+    "StackedSequential",
     "autoencoder",
     "cifar_conv11",
     "cifar_conv18",

@@ -37,6 +37,7 @@ class ActivationMedian(Analysis):
     description = ("Fig. 2: median over hidden units of their mean activation, and train/test "
                    "cross-entropy, per epoch (8x128 MLP)")
     loss = "cross_entropy"
+    batch_runs = "auto"  # every arm is the 8x128 MLP: the runs train as one stacked model
     presets = {  # noqa: RUF012
         "paper": Preset(dataset="mnist", epochs=300, seeds=5, activations=_ACTS, lrs=(0.01,),
                         batch_size=64, probe_size=10_000, model={"depth": 8, "width": 128}),

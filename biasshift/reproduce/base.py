@@ -174,6 +174,7 @@ class Settings:
     keep_checkpoints: bool = False
     train_size: int | None = None
     test_size: int | None = None
+    batch_runs: int = 1  # runs per stacked model (0: from memory; 1: one by one)
 
     @property
     def quick(self) -> bool:
@@ -200,6 +201,9 @@ class Analysis:
             :class:`~biasshift.train.Trainer`).
         tidy_columns: the columns of the tidy CSV (:data:`TIDY_COLUMNS` plus any the analysis
             adds in :meth:`run_frame`).
+        batch_runs: the default of ``--batch-runs`` (runs trained together as one stacked
+            model, :func:`biasshift.reproduce.runner.plan_stacks`): ``1`` one by one,
+            ``"auto"`` from the free memory where the runs share an architecture.
     """
 
     name: str = ""
@@ -210,6 +214,7 @@ class Analysis:
     min_epochs: int = 1
     probe_medians: bool = False
     tidy_columns: tuple[str, ...] = TIDY_COLUMNS
+    batch_runs: int | str = 1
 
     # --------------------------------------------------------------- settings and runs
     def validate(self, settings: Settings) -> None:

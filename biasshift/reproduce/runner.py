@@ -101,8 +101,8 @@ from biasshift.train.checkpoint import CheckpointError, data_fingerprint
 from biasshift.train.trainer import CHECKPOINT_NAME, HISTORY_NAME, Trainer
 
 __all__ = ["OversubscriptionWarning", "ReproduceResult", "RunOutcome", "WorkerDiedError",
-           "available_cores", "list_runs", "resolve_settings", "run_analysis", "run_index",
-           "run_one"]
+           "available_cores", "list_runs", "plan_stacks", "resolve_settings", "run_analysis",
+           "run_index", "run_one", "run_stack"]
 
 SPEC_NAME = "spec.json"
 DONE_NAME = "done.json"
@@ -249,6 +249,7 @@ def resolve_settings(
     jobs: int | None = None,
     threads: int | None = None,
     options: Mapping[str, Any] | None = None,
+    batch_runs: int | str | None = None,
 ) -> Settings:
     """Merge the chosen preset (``"quick"`` or ``"paper"``) with overrides and check everything.
 
@@ -260,7 +261,10 @@ def resolve_settings(
     (:class:`OversubscriptionWarning`). The quick preset on MNIST or Fashion-MNIST trains on
     the first :data:`~biasshift.reproduce.base.QUICK_TRAIN_SIZE` /
     :data:`~biasshift.reproduce.base.QUICK_TEST_SIZE` images. Raises :class:`UsageError` with a
-    message that says what to change.
+    message that says what to change.  ``batch_runs``: runs trained together as one stacked
+    model (:func:`plan_stacks`): ``1`` one by one, ``K`` at most ``K`` per stack, ``"auto"``
+    (or ``0``) from the free memory; ``None``: the analysis's default
+    (``Analysis.batch_runs``).
     """
     analysis = get_analysis(name)
     preset_name = "quick" if quick else "paper"
@@ -308,6 +312,17 @@ def resolve_settings(
         raise UsageError(f"device {device!r} requested but CUDA is not available here; "
                          "use --device cpu")
 
+    if batch_runs is None:
+        batch_runs = getattr(analysis, "batch_runs", 1)
+    if isinstance(batch_runs, str) and batch_runs.strip().lower() == "auto":
+        batch_runs = 0
+    try:
+        batch_k = int(batch_runs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"--batch-runs must be a positive integer or 'auto', got "
+                         f"{batch_runs!r}") from None
+    if isinstance(batch_runs, bool) or batch_k < 0:
+        raise UsageError(f"--batch-runs must be a positive integer or 'auto', got {batch_runs!r}")
     if jobs is not None:
         jobs = _positive_int("jobs", jobs)
     if threads is not None:
@@ -340,6 +355,7 @@ def resolve_settings(
         keep_checkpoints=bool(keep_checkpoints),
         train_size=QUICK_TRAIN_SIZE if subset else None,
         test_size=QUICK_TEST_SIZE if subset else None,
+        batch_runs=batch_k,
     )
     analysis.validate(settings)
     if jobs is None and tdev.type == "cuda":
@@ -692,6 +708,187 @@ def _worker_run(spec: RunSpec, kwargs: dict[str, Any]) -> RunOutcome:
     return run_one(spec, progress=_worker_report, **kwargs)
 
 
+# ---------------------------------------------------------------------------- stacked runs
+def _stack_key(spec: RunSpec) -> str:
+    """Runs that may share a stack: everything but the activation, the lr and the seed."""
+    d = spec.to_dict()
+    for k in ("run", "activation", "lr", "seed"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _memory_budget(device: str) -> int:
+    """Bytes a stack may use: a quarter of the free accelerator memory, or of the available
+    RAM (``SC_AVPHYS_PAGES``), at least 256 MiB."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return max(free // 4, 256 * 2**20)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 4 * 2**30
+    return max(avail // 4, 256 * 2**20)
+
+
+def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings,
+                dataset: ArrayDataset) -> list[list[RunSpec]]:
+    """Group the runs into stacks for :func:`run_stack` (lists of length 1: the single path).
+
+    Runs share a stack when they differ only in activation, lr and seed, the analysis trains
+    them with the default SGD and no plug-ins, and the model stacks
+    (:func:`~biasshift.models.stacked.stackable`).  ``settings.batch_runs``: ``1`` = every run
+    alone (today's path), ``K`` = stacks of at most ``K``, ``0`` = automatic: as many runs as
+    fit a quarter of the free memory (:func:`~biasshift.train.batched.member_bytes`), spread
+    over ``jobs`` stacks.  Runs whose folder already holds work are resumed alone unless they
+    all stand in one stack's checkpoint.
+    """
+    from biasshift.models.stacked import stackable
+    from biasshift.train.batched import member_bytes, stack_size
+
+    cap = settings.batch_runs
+    if cap == 1 or len(specs) < 2:
+        return [[s] for s in specs]
+    groups: dict[str, list[RunSpec]] = {}
+    alone: list[RunSpec] = []
+    for s in specs:
+        if analysis.optimizer(s) is not None or analysis.plugins(s):
+            alone.append(s)
+            continue
+        groups.setdefault(_stack_key(s), []).append(s)
+    units: list[list[RunSpec]] = [[s] for s in alone]
+    for group in groups.values():
+        model = analysis.build_model(group[0], dataset)
+        if stackable(model) is not None:
+            units += [[s] for s in group]
+            continue
+        if cap == 0:
+            per = member_bytes(model, group[0].batch_size, 4096)
+            k = stack_size(_memory_budget(settings.device), per, len(group))
+            k = min(k, math.ceil(len(group) / max(1, settings.jobs)))
+        else:
+            k = cap
+        units += [group[i:i + k] for i in range(0, len(group), k)]
+    order = {s.run: i for i, s in enumerate(specs)}
+    return sorted(units, key=lambda u: order[u[0].run])
+
+
+def _stack_dir(work_dir: Path, specs: Sequence[RunSpec]) -> Path:
+    import hashlib
+
+    h = hashlib.sha256("\n".join(s.run for s in specs).encode()).hexdigest()[:12]
+    return work_dir / f"stack-{h}"
+
+
+def run_stack(specs: Sequence[RunSpec], *, work_dir: str | os.PathLike[str],
+              device: str = "cpu", threads: int | None = None, resume: bool = False,
+              overwrite: bool = False, keep_checkpoint: bool = False,
+              data_dir: str | None = None, dataset: ArrayDataset | None = None,
+              progress: ProgressFn | None = None,
+              checkpoint_every: int | None = 200) -> list[RunOutcome]:
+    """Train several runs as one stacked model (:class:`~biasshift.train.batched
+    .BatchedTrainer`), each in its own run folder, then finish each as :func:`run_one` does.
+
+    Every member writes its own single-run ``checkpoint.pt`` and ``history.csv`` after every
+    epoch; the stack also keeps ``<work_dir>/stack-<hash>/stack.pt`` (every
+    ``checkpoint_every`` steps, so a killed stack resumes mid-epoch).  Finished runs (with
+    ``resume``) are reused as they are; a run that cannot be stacked goes the single path.
+    """
+    from biasshift.train.batched import STACK_CHECKPOINT, BatchedTrainer, batchable
+
+    work = Path(work_dir)
+    kwargs: dict[str, Any] = dict(work_dir=work_dir, device=device, threads=threads,
+                                  keep_checkpoint=keep_checkpoint, data_dir=data_dir,
+                                  dataset=dataset, progress=progress)
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other")
+    ds = dataset if dataset is not None else _dataset(specs[0].dataset, data_dir)
+    sub = ds
+    if specs[0].train_size is not None or specs[0].test_size is not None:
+        sub = ds.subset(specs[0].train_size, specs[0].test_size)
+    stack_dir = _stack_dir(work, specs)
+    stacked_resume = resume and (stack_dir / STACK_CHECKPOINT).exists()
+    # finished runs are reused; runs with other work than the stack's go alone
+    todo: list[RunSpec] = []
+    results: dict[str, RunOutcome] = {}
+    for s in specs:
+        run_dir = work / s.run
+        if resume and (run_dir / DONE_NAME).exists() and not stacked_resume:
+            results[s.run] = run_one(s, resume=True, **kwargs)
+        else:
+            todo.append(s)
+    if len(todo) < 2:
+        for s in todo:
+            results[s.run] = run_one(s, resume=resume, overwrite=overwrite, **kwargs)
+        return [results[s.run] for s in specs]
+
+    locks = []
+    try:
+        for s in todo:
+            try:
+                locks.append(FolderLock(work / s.run, what="run folder").acquire())
+            except FolderLockedError as err:
+                raise UsageError(str(err)) from None
+            run_dir = work / s.run
+            sweep_temporaries(run_dir)
+            want = _normalised(s.to_dict())
+            if resume and (run_dir / SPEC_NAME).exists():
+                detail = _spec_diff(_read_json(run_dir / SPEC_NAME, run_dir), want)
+                if detail:
+                    raise UsageError(f"{run_dir} holds a different run ({detail}); choose "
+                                     "another --work-dir or pass --overwrite (without "
+                                     "--resume) to discard it")
+            if not resume:
+                if run_holds_work(run_dir) and not overwrite:
+                    raise _refuse_discarding(run_dir)
+                for name in (DONE_NAME, HISTORY_NAME, CHECKPOINT_NAME):
+                    (run_dir / name).unlink(missing_ok=True)
+            (run_dir / DONE_NAME).unlink(missing_ok=True)
+            write_json(want, run_dir / SPEC_NAME)
+        if not resume:
+            (stack_dir / STACK_CHECKPOINT).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        analysis = get_analysis(todo[0].analysis)
+        members = [Trainer(
+            (lambda s=s: analysis.build_model(s, sub)), sub, loss=analysis.loss, lr=s.lr,
+            batch_size=s.batch_size, epochs=s.epochs, seed=s.seed, device=device,
+            probe_size=s.probe_size, probe_modules=analysis.probe_modules(s),
+            probe_medians=analysis.probe_medians, checkpoint_dir=work / s.run, run_name=s.run,
+            progress=(lambda tr: progress(tr.run_name, tr.epoch)) if progress is not None
+            else False,
+        ) for s in todo]
+        bad = [(s, batchable(t)) for s, t in zip(todo, members)]
+        if any(why is not None for _, why in bad):
+            raise UsageError(f"run {next(s.run for s, w in bad if w)} cannot be stacked: "
+                             f"{next(w for _, w in bad if w)}; pass --batch-runs 1")
+        stack = BatchedTrainer(members, checkpoint_dir=stack_dir, threads=threads,
+                               checkpoint_every=checkpoint_every)
+        try:
+            stack.fit(resume=resume)
+        except CheckpointError as err:
+            raise UsageError(f"{err} (stack folder {stack_dir})") from None
+        wall = (time.perf_counter() - t0) / len(todo)
+    finally:
+        for lock in locks:
+            lock.release()
+    # each member finishes as a single run: done.json, run_frame, the checkpoint's removal
+    for s, t in zip(todo, members):
+        out = run_one(s, resume=True, **kwargs)
+        results[s.run] = replace(out, resumed_from=t.resumed_from, wall_s=wall + out.wall_s)
+    if not keep_checkpoint:
+        (stack_dir / STACK_CHECKPOINT).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            for p in stack_dir.iterdir():
+                if p.name.startswith("."):
+                    p.unlink()
+            stack_dir.rmdir()
+    return [results[s.run] for s in specs]
+
+
+def _worker_stack(specs: list[RunSpec], kwargs: dict[str, Any]) -> list[RunOutcome]:
+    return run_stack(specs, progress=_worker_report, **kwargs)
+
+
 def _stop_workers(ex: ProcessPoolExecutor) -> None:
     """Terminate the pool's workers now (an interrupt or error in the main process must not
     leave them training, nor wait for their runs to finish)."""
@@ -737,6 +934,9 @@ def _run_kwargs(settings: Settings) -> dict[str, Any]:
 def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
              dataset: ArrayDataset, bar: _Bar) -> list[RunOutcome]:
     kwargs = _run_kwargs(settings)
+    units = plan_stacks(analysis, specs, settings, dataset)
+    if any(len(u) > 1 for u in units):
+        return _execute_units(units, specs, settings, kwargs, dataset, bar)
     if settings.jobs == 1 or len(specs) == 1:
         return [run_one(s, dataset=dataset, progress=bar, **kwargs) for s in specs]
 
@@ -819,6 +1019,56 @@ def run_index(settings: Settings, index: int, *, progress: bool = True) -> RunOu
     finally:
         bar.close()
 
+
+def _execute_units(units: list[list[RunSpec]], specs: list[RunSpec], settings: Settings,
+                   kwargs: dict[str, Any], dataset: ArrayDataset, bar: _Bar) -> list[RunOutcome]:
+    """Run stacks (:func:`run_stack`) and single runs, in ``jobs`` worker processes when
+    there is more than one unit and job."""
+    results: dict[str, RunOutcome] = {}
+    if settings.jobs == 1 or len(units) == 1:
+        for u in units:
+            outs = ([run_one(u[0], dataset=dataset, progress=bar, **kwargs)] if len(u) == 1
+                    else run_stack(u, dataset=dataset, progress=bar, **kwargs))
+            results.update({o.spec.run: o for o in outs})
+        return [results[s.run] for s in specs]
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+    ex = ProcessPoolExecutor(max_workers=min(settings.jobs, len(units)), mp_context=ctx,
+                             initializer=_init_worker,
+                             initargs=(progress_queue, settings.threads, os.getpid()))
+
+    def drain() -> None:
+        while True:
+            try:
+                run, epochs = progress_queue.get_nowait()
+            except queue_mod.Empty:
+                return
+            bar(run, epochs)
+
+    try:
+        futures = [ex.submit(_worker_run, u[0], kwargs) if len(u) == 1
+                   else ex.submit(_worker_stack, u, kwargs) for u in units]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            drain()
+            for f in done:
+                got = f.result()
+                for o in (got if isinstance(got, list) else [got]):
+                    results[o.spec.run] = o
+        drain()
+    except BrokenProcessPool as err:
+        _stop_workers(ex)
+        raise WorkerDiedError(
+            "a worker process of --jobs died (out of memory? killed?); finished epochs are "
+            "checkpointed, rerun with --resume"
+        ) from err
+    except BaseException:
+        _stop_workers(ex)
+        raise
+    ex.shutdown(wait=True)
+    progress_queue.close()
+    return [results[s.run] for s in specs]
 
 @dataclass
 class ReproduceResult:

@@ -7,11 +7,15 @@
 * :class:`BiasShiftTracker` — measures, on a :class:`StepSchedule` of steps, each unit's bias
   shift and the gap between the gradient and the unit natural gradient
   (:mod:`biasshift.train.tracking`); :func:`summarize_tracking` gives per-layer quantiles;
-* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, ``weights_only`` checkpoints.
+* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, ``weights_only`` checkpoints;
+* :class:`BatchedTrainer` — ``K`` Trainer runs trained as one stacked model (batched GEMMs),
+  each keeping its own init, data order, lr, history and checkpoints
+  (:mod:`biasshift.train.batched`).
 """
 
 from __future__ import annotations
 
+from biasshift.train.batched import BatchedTrainer
 from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biasshift.train.plugins import MonitorLike, MonitorPlugin, Plugin
 from biasshift.train.tracking import BiasShiftTracker, StepSchedule, summarize_tracking
@@ -20,6 +24,7 @@ from biasshift.train.trainer import HISTORY_COLUMNS, LOSSES, Trainer, derive_see
 __all__ = [
     "HISTORY_COLUMNS",
     "LOSSES",
+    "BatchedTrainer",
     "BiasShiftTracker",
     "CheckpointError",
     "MonitorLike",
