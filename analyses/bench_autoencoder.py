@@ -20,7 +20,7 @@ noise (other processes on the cores) leaves comparable.  ``--threads`` sets
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import statistics
 import sys
 import time
@@ -39,7 +39,7 @@ def layer_shapes(in_features: int = 784, encoder: tuple[int, ...] = ENCODER
                  ) -> list[tuple[int, int]]:
     """``(in, out)`` of every Linear layer of the autoencoder, encoder then decoder."""
     widths = [in_features, *encoder, *encoder[-2::-1], in_features]
-    return list(zip(widths[:-1], widths[1:]))
+    return list(itertools.pairwise(widths))
 
 
 def step_flops(batch: int, shapes: list[tuple[int, int]]) -> int:

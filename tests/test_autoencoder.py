@@ -374,15 +374,15 @@ def test_collapsed_runs_are_drawn_apart_and_left_out_of_the_band() -> None:
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "ELU (1/2 collapsed)" in labels and "ReLU (1/2 diverged)" in labels
     assert "first 20000 training / all test images" in fig._suptitle.get_text()
-    # the collapsed run has its own dash-dot line (epochs 1-3), and a star at epoch 2
+    # the collapsed run has its own dash-dot line (epochs 0-3), and a star at epoch 2
     dashdot = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-."]
-    assert any(list(ln.get_ydata()) == [25.0 + 1, 137.0, 137.0] for ln in dashdot)
+    assert any(list(ln.get_ydata()) == [50.0 + 1, 25.0 + 1, 137.0, 137.0] for ln in dashdot)
     stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*" and len(ln.get_xdata())]
     assert [list(ln.get_xdata()) for ln in stars] == [[2.0]]
     # the ELU mean line is seed 0 alone (the collapsed seed is left out)
     solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"
              and ln.get_label() == "ELU (1/2 collapsed)"]
-    assert list(solid[0].get_ydata()) == [25.0, 50 / 3, 12.5]
+    assert list(solid[0].get_ydata()) == [50.0, 25.0, 50 / 3, 12.5]
     summ = analysis.summary(df, s)
     (entry,) = summ["results"]
     assert entry["activations"]["elu"] == {"test_sse_mean": 12.5, "test_sse_sd": None, "n": 1,

@@ -38,9 +38,9 @@ Collapse and divergence
 
 The figure has one panel per learning rate (one row per loss x initialisation when there are
 several): training (solid) and test (dotted) summed squared error per image, mean +- sd over
-seeds, log scale.  The quick preset uses the 8x8 digits (64 inputs) with a smaller encoder
-256-128-64-16.  Probe statistics are off by default (``--probe-size N`` turns them on for the
-hidden layers).
+seeds, from epoch 0 (the untrained net), log scale.  The quick preset uses the 8x8 digits
+(64 inputs) with a smaller encoder 256-128-64-16.  Probe statistics are off by default
+(``--probe-size N`` turns them on for the hidden layers).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ AE_COLUMNS = (*TIDY_COLUMNS, "loss", "init")
 _OPTIONS: dict[str, Any] = {"losses": ("bce",), "inits": ("he",), "train_size": 0,
                             "test_size": 0, "collapse_images": 1000,
                             "collapse_threshold": 1e-3}
-_LOSS_TEXT = {"bce": "cross-entropy", "sse": "summed squared error", "mse": "per-pixel MSE"}
+_LOSS_TEXT = {"bce": "cross-entropy", "sse": "SSE", "mse": "per-pixel MSE"}
 
 
 def _hidden(name: str, module: nn.Module) -> bool:
@@ -249,7 +249,6 @@ class Autoencoder(Analysis):
         return out
 
     def plot(self, df: pd.DataFrame, settings: Settings) -> Figure:
-        trained = df[df["epoch"] >= 1]
         lrs = sorted(df["lr"].unique(), reverse=True) or list(settings.lrs)
         variants = _variants(df)
         train_q, test_q = _error_quantities(df)
@@ -258,7 +257,7 @@ class Autoencoder(Analysis):
         fig = Figure(figsize=(4.2 * len(lrs), 3.8 * len(variants) + 0.4), layout="constrained")
         grid = fig.subplots(len(variants), len(lrs), squeeze=False)
         for row, variant in zip(grid, variants):
-            d = _select(trained, variant)
+            d = _select(df, variant)
             for ax, lr in zip(row, lrs):
                 sub = d[d["lr"] == lr]
                 acts = ordered(sub["activation"], settings.activations)
@@ -272,10 +271,17 @@ class Autoencoder(Analysis):
                 ax.set_title(f"{what}learning rate {lr:g}", fontsize="medium")
                 ax.set_xlabel("epoch")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(-0.3, max(float(df["epoch"].max()), 1.0) + 0.3)
                 handles, labels = ax.get_legend_handles_labels()
-                handles += [Line2D([], [], color="grey", ls="-."),
-                            Line2D([], [], color="grey", marker="*", ls="none", ms=9)]
-                labels += ["collapsed run (own line)", "collapse onset"]
+                if any(r in collapsed for r in sub["run"].unique()):
+                    handles += [Line2D([], [], color="grey", ls="-."),
+                                Line2D([], [], color="grey", marker="*", ls="none", ms=9)]
+                    labels += ["collapsed run (own line)", "collapse onset"]
+                stopped = div[div["run"].isin(sub["run"].unique())]
+                if len(stopped):
+                    handles.append(Line2D([], [], color="grey", marker="x", ls="none", ms=8,
+                                          mew=2))
+                    labels.append("diverged: last finite epoch")
                 ax.legend(handles, labels, fontsize="x-small")
             row[0].set_ylabel("summed squared error per image")
         enc = "-".join(str(h) for h in settings.model.get("encoder", []))
