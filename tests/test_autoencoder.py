@@ -388,3 +388,52 @@ def test_collapsed_runs_are_drawn_apart_and_left_out_of_the_band() -> None:
     assert entry["activations"]["elu"] == {"test_sse_mean": 12.5, "test_sse_sd": None, "n": 1,
                                            "runs": 2, "collapsed": 1, "diverged": 0}
     assert entry["activations"]["relu"]["diverged"] == 1
+
+
+# ------------------------------------------------------------------------------------ scripts
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_flop_count_matches_torch_flop_counter() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _script("bench_autoencoder")
+    shapes = bench.layer_shapes()
+    assert shapes[0] == (784, 1000) and shapes[4] == (30, 250) and shapes[-1] == (1000, 784)
+    net = autoencoder("elu", output="linear")
+    x = torch.rand(8, 784)
+    with FlopCounterMode(display=False) as counter:
+        reconstruction_loss(net(x), x, "bce", logits=True).backward()
+    assert counter.get_total_flops() == bench.step_flops(8, shapes)
+    assert 6 * sum(i * o for i, o in shapes) / 1e6 == pytest.approx(16.9, abs=0.1)  # the issue
+
+
+def test_init_script_writes_the_variance_table(tmp_path) -> None:
+    init = _script("autoencoder_init")
+    assert init.main(["--dataset", "digits", "--images", "40", "--seeds", "1",
+                      "--out", str(tmp_path / "init")]) == 0
+    df = pd.read_csv(tmp_path / "init.csv")
+    v = df.set_index(["activation", "init", "seed", "layer", "quantity"])["value"]
+    # ReLU: the second-moment gain is He's; ELU and SReLU: it lowers the output variance
+    assert v[("relu", "he", 0, "all", "logit_var")] == v[("relu", "second-moment", 0, "all",
+                                                          "logit_var")]
+    for act in ("elu", "srelu"):
+        assert v[(act, "second-moment", 0, "out", "net_sq")] < v[(act, "he", 0, "out", "net_sq")]
+    # logit_var against a brute-force forward pass of the same initial net
+    x = load_dataset("digits").test_x[:40].reshape(40, -1)
+    from biasshift.train import derive_seed
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, "init"))
+        net = autoencoder("elu", in_features=64, output="linear")
+    with torch.no_grad():
+        var = net(x).double().var().item()
+    assert v[("elu", "he", 0, "all", "logit_var")] == pytest.approx(var, rel=1e-6)
