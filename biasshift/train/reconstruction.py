@@ -26,7 +26,9 @@ Collapse
       pixels, divided by the same for the images themselves (1 for a perfect reconstruction,
       0 when every image gets the same output);
     * ``saturated_frac`` — the share of output units with ``|z| > 15`` (a diagnostic: a
-      healthy ``bce`` net saturates its background pixels too, so this alone is no flag);
+      healthy ``bce`` net saturates its background pixels too, so this alone is no flag; NaN
+      logits count as not saturated, and such an epoch has a NaN ``recon_var_ratio`` and the
+      trainer's ``diverged`` row);
 
     and :class:`CollapseMonitor` logs them after every epoch (and before training) with
     ``collapsed`` = 1.0 when ``recon_var_ratio`` is below ``threshold`` (default 1e-3).
