@@ -437,3 +437,21 @@ def test_init_script_writes_the_variance_table(tmp_path) -> None:
     with torch.no_grad():
         var = net(x).double().var().item()
     assert v[("elu", "he", 0, "all", "logit_var")] == pytest.approx(var, rel=1e-6)
+
+
+def test_the_train_size_option_reaches_the_runs_and_the_record(tmp_path) -> None:
+    import json
+
+    from biasshift.reproduce.runner import run_analysis
+
+    s = resolve_settings("autoencoder", quick=True, epochs=1, seeds=1, activations=["elu"],
+                         lrs=["1e-3"], out=tmp_path / "o", work_dir=tmp_path / "w",
+                         options={"train_size": "100", "test_size": "30",
+                                  "collapse_images": "20"})
+    res = run_analysis(s, progress=False)
+    record = json.loads((tmp_path / "o" / "autoencoder.json").read_text())
+    assert record["n_train"] == 100
+    done = json.loads((tmp_path / "w" / "elu-lr0.001-seed0" / "done.json").read_text())
+    assert done["data"].startswith("digits:100/30:")
+    assert record["summary"]["train_size"] == 100
+    assert set(res.frame["loss"]) == {"bce"} and set(res.frame["init"]) == {"he"}
