@@ -130,7 +130,9 @@ def test_reconstruction_history_has_no_accuracy(digits: ArrayDataset) -> None:
     t = make(digits, model=lambda: mlp(64, [16], 64, "relu"), loss="reconstruction",
              epochs=1, eval_initial=False)
     h = t.fit()
-    assert set(h["quantity"]) == {"train_loss", "test_loss", "running_loss", "median_of_means"}
+    # issue 14: the per-image summed squared error is recorded beside the training loss
+    assert set(h["quantity"]) == {"train_loss", "test_loss", "running_loss", "median_of_means",
+                                  "train_sse", "test_sse"}
     assert sorted(h["epoch"].unique()) == [1]
 
 

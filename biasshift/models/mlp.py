@@ -77,6 +77,7 @@ def autoencoder(
     *,
     code_activation: bool = False,
     output: str = "sigmoid",
+    init: str = "he",
     **act_kwargs: float,
 ) -> nn.Sequential:
     """The Fig. 3 autoencoder: encoder ``in-1000-500-250-30``, decoder ``30-250-500-1000-in``.
@@ -86,9 +87,15 @@ def autoencoder(
     and a logistic output layer (``output="sigmoid"``; ``"linear"`` for none) for pixels in [0, 1].
     Modules: ``flatten``, ``enc1..encK``/``eact1..``, ``dec1..decK``/``dact1..``, ``out``,
     ``out_act``; the output is flat ``(N, in_features)``.
+
+    ``init="he"`` (default, the paper's) gives every layer He's initialisation;
+    ``init="second-moment"`` then scales the weights fed by the activation so that they keep the
+    second moment for that unit (:func:`biasshift.models.init_gain.second_moment_init_`).
     """
     if output not in ("sigmoid", "linear"):
         raise ValueError(f"autoencoder: output must be 'sigmoid' or 'linear', got {output!r}")
+    if init not in ("he", "second-moment"):
+        raise ValueError(f"autoencoder: init must be 'he' or 'second-moment', got {init!r}")
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     width = in_features
     for i, h in enumerate(encoder, start=1):
@@ -103,7 +110,12 @@ def autoencoder(
     layers["out"] = nn.Linear(width, in_features)
     if output == "sigmoid":
         layers["out_act"] = nn.Sigmoid()
-    return he_init_(nn.Sequential(layers))
+    net = he_init_(nn.Sequential(layers))
+    if init == "second-moment":
+        from biasshift.models.init_gain import second_moment_init_
+
+        second_moment_init_(net, activation, **act_kwargs)
+    return net
 
 
 def count_parameters(model: nn.Module) -> int:

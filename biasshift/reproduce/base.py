@@ -254,6 +254,11 @@ class Analysis:
         """The run's optimizer factory; ``None`` is plain SGD with ``spec.lr``."""
         return None
 
+    def trainer_options(self, spec: RunSpec) -> dict[str, Any]:
+        """Further keyword arguments of the run's :class:`~biasshift.train.Trainer` (e.g.
+        ``reconstruction_loss``); default none."""
+        return {}
+
     def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
                   trainer: Trainer | None) -> pd.DataFrame:
         """One run's tidy rows (columns :attr:`tidy_columns`) from the trainer's history

@@ -639,6 +639,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | Non
         run_name=spec.run,
         threads=threads,
         progress=(lambda tr: progress(spec.run, tr.epoch)) if progress is not None else False,
+        **analysis.trainer_options(spec),
     )
     try:
         history = trainer.fit(resume=resume)
@@ -1121,7 +1122,9 @@ def run_analysis(settings: Settings, *, progress: bool = True,
     analysis.validate(settings)
     check_output_folders(settings)
     dataset = _dataset(settings.dataset, settings.data_dir)  # fails early when data is missing
-    specs = [replace(s, train_size=settings.train_size, test_size=settings.test_size)
+    # the settings' subset (the quick preset's), unless the analysis set the runs' own
+    specs = [replace(s, train_size=settings.train_size if s.train_size is None else s.train_size,
+                     test_size=settings.test_size if s.test_size is None else s.test_size)
              for s in analysis.run_specs(settings)]
     try:
         lock = FolderLock(settings.work_dir, what="work dir").acquire()
@@ -1146,8 +1149,12 @@ def _publish(analysis: Analysis, settings: Settings, specs: list[RunSpec],
     summary = analysis.summary(df, settings)
     fig = analysis.plot(df, settings)
     stem = Path(settings.out) / analysis.name
-    n_train = (dataset.train_x.shape[0] if settings.train_size is None
-               else min(settings.train_size, dataset.train_x.shape[0]))
+    train_size = settings.train_size
+    sizes = {sp.train_size for sp in specs}
+    if len(sizes) == 1:  # an analysis may set the runs' training subset itself
+        train_size = sizes.pop()
+    n_train = (dataset.train_x.shape[0] if train_size is None
+               else min(train_size, dataset.train_x.shape[0]))
     requested = settings.probe_size
     probe_used = n_train if requested is None else min(requested, n_train)
     extra: dict[str, Any] = {}
