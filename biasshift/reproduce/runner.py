@@ -737,7 +737,8 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     """Group the runs into stacks for :func:`run_stack` (lists of length 1: the single path).
 
     Runs share a stack when they differ only in activation, lr and seed, the analysis trains
-    them with the default SGD and no plug-ins, and the model stacks
+    them with the default SGD, no plug-ins and no further trainer options (such as the
+    autoencoder's ``reconstruction_loss``), and the model stacks
     (:func:`~biasshift.models.stacked.stackable`).  ``settings.batch_runs``: ``1`` = every run
     alone (today's path), ``K`` = stacks of at most ``K``, ``0`` = automatic: as many runs as
     fit a quarter of the free memory (:func:`~biasshift.train.batched.member_bytes`), spread
@@ -753,7 +754,8 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     groups: dict[str, list[RunSpec]] = {}
     alone: list[RunSpec] = []
     for s in specs:
-        if analysis.optimizer(s) is not None or analysis.plugins(s):
+        if analysis.optimizer(s) is not None or analysis.plugins(s) \
+                or analysis.trainer_options(s):
             alone.append(s)
             continue
         groups.setdefault(_stack_key(s), []).append(s)
