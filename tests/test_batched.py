@@ -271,3 +271,19 @@ def test_member_views_are_live_and_seen_as_own_models() -> None:
     with torch.no_grad():
         stack.layers["fc1"].bias[1].add_(1.0)
     torch.testing.assert_close(view.fc1.bias, models[1].fc1.bias + 1.0)
+
+
+def test_runs_with_trainer_options_are_never_stacked(monkeypatch) -> None:
+    """The autoencoder's runs carry trainer options (its reconstruction loss) that a stack
+    would not pass on: ``plan_stacks`` keeps each alone whatever ``--batch-runs`` says, also
+    without the plug-ins that would keep them alone anyway."""
+    from biasshift.reproduce import resolve_settings
+    from biasshift.reproduce.registry import get_analysis
+    from biasshift.reproduce.runner import plan_stacks
+
+    s = resolve_settings("autoencoder", quick=True, seeds=2, batch_runs=4)
+    a = get_analysis("autoencoder")
+    monkeypatch.setattr(a, "plugins", lambda spec: [])
+    specs = a.run_specs(s)
+    assert len(specs) >= 2 and all(a.trainer_options(x) for x in specs)
+    assert [len(u) for u in plan_stacks(a, specs, s, load_dataset("digits"))] == [1] * len(specs)
