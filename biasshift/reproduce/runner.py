@@ -253,6 +253,8 @@ def resolve_settings(
     """
     analysis = get_analysis(name)
     preset_name = "quick" if quick else "paper"
+    if not quick and "cuda" in analysis.presets and str(device).strip().lower().startswith("cuda"):
+        preset_name = "cuda"  # the analysis's full-scale GPU protocol
     preset = analysis.presets[preset_name]
 
     ds = (dataset or preset.dataset).strip().lower()
@@ -534,6 +536,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | Non
     ds = dataset if dataset is not None else _dataset(spec.dataset, data_dir)
     if spec.train_size is not None or spec.test_size is not None:
         ds = ds.subset(spec.train_size, spec.test_size)
+    ds = analysis.prepare_dataset(spec, ds)
     data_id = data_fingerprint(ds)
 
     if resume and spec_path.exists():
@@ -612,6 +615,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | Non
         run_name=spec.run,
         threads=threads,
         progress=(lambda tr: progress(spec.run, tr.epoch)) if progress is not None else False,
+        augment=analysis.augment(spec),
     )
     try:
         history = trainer.fit(resume=resume)
