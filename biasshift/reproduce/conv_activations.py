@@ -12,7 +12,8 @@ ELU or SReLU, with ELU beating ReLU + BN. This analysis runs that protocol:
   28x28 — Fashion-MNIST, 28 -> 14 -> 7 -> 3 -> 1; 3 for the 8x8 digits), dropout after the
   last layer of each stack ``(0, .1, .2, .3, .4, .5, 0)``.
 * **Arms**: every activation (``--activations``, default ELU, SReLU, LReLU, ReLU) with and
-  without batch normalisation (option ``bn``), i.e. 8 arms.
+  without batch normalisation (option ``bn``), i.e. 8 arms; option ``arms`` (e.g.
+  ``elu,elu-bn,relu,relu-bn,srelu,lrelu``) keeps a subset of them.
 * **Paired seeds**: run ``r`` of every arm starts from the same initial weights
   (:func:`~biasshift.models.conv.paired_he_init_`: He normal from a generator seeded by the
   run's seed, independent of activation and BN; a BN net differs from its plain twin only by
@@ -122,6 +123,7 @@ _BASE_OPTIONS: dict[str, Any] = {
     "augment": "auto",
     "monitor": True,
     "target_error": 0.0,
+    "arms": (),
 }
 #: the reduced CPU protocol committed in figures/ (2 shared cores, about 80 minutes): the
 #: monitor is off there (its per-batch cost, see analyses/bench_conv.py); the probe statistic
@@ -130,6 +132,10 @@ _PAPER_OPTIONS = {**_BASE_OPTIONS, "width": 0.125, "train_subset": 4_000,
                   "test_subset": 2_000, "monitor": False}
 _CUDA_OPTIONS = {**_BASE_OPTIONS, "width": 1.0}
 _QUICK_OPTIONS = {**_BASE_OPTIONS, "width": 0.0625}
+
+
+def _arm_name(activation: str, batch_norm: bool | int) -> str:
+    return activation + ("-bn" if int(batch_norm) else "")
 
 
 def arm_label(activation: str, batch_norm: bool | int) -> str:
@@ -248,6 +254,11 @@ class ConvActivations(Analysis):
                              ("augment", ("auto", "on", "off"))):
             if o[key] not in allowed:
                 raise UsageError(f"option {key}={o[key]!r}: choose one of {', '.join(allowed)}")
+        names = [_arm_name(a, b) for a in settings.activations for b in bn]
+        bad = [x for x in o["arms"] if x not in names]
+        if bad:
+            raise UsageError(f"option arms={','.join(o['arms'])}: {', '.join(bad)} not among the "
+                             f"arms of --activations and bn: {', '.join(names)}")
         if not 0 <= o["target_error"] < 1:
             raise UsageError(f"option target_error={o['target_error']!r} must be in [0, 1) "
                              "(0: the worst arm's mean final test error)")
@@ -262,7 +273,9 @@ class ConvActivations(Analysis):
             for lr in settings.lrs:
                 for act in settings.activations:
                     for bn in o["bn"]:
-                        run = RunSpec.run_id(act + ("-bn" if bn else ""), lr, seed)
+                        if o["arms"] and _arm_name(act, bn) not in o["arms"]:
+                            continue
+                        run = RunSpec.run_id(_arm_name(act, bn), lr, seed)
                         specs.append(RunSpec(
                             analysis=self.name, run=run, dataset=settings.dataset,
                             activation=act, seed=seed, lr=lr, epochs=settings.epochs,
@@ -452,7 +465,8 @@ class ConvActivations(Analysis):
                 "test_subset": o["test_subset"] or "all",
                 "epochs": settings.epochs, "seeds": settings.seeds,
                 "batch_size": settings.batch_size,
-                "arms": [arm_label(a, b) for a in settings.activations for b in o["bn"]],
+                "arms": [arm_label(a, b) for a in settings.activations for b in o["bn"]
+                         if not o["arms"] or _arm_name(a, b) in o["arms"]],
                 "n_runs_in_table": int(df["run"].nunique())}
 
     @staticmethod
@@ -543,7 +557,8 @@ class ConvActivations(Analysis):
 
         # b: final test error per arm, one point per seed, lines join a seed's arms
         fin = self.final_errors(df)
-        arms = [(a, b) for a in acts for b in bns]
+        present = set(zip(fin["activation"], fin["batch_norm"].astype(int)))
+        arms = [(a, b) for a in acts for b in bns if (a, b) in present]
         xpos = {arm: i for i, arm in enumerate(arms)}
         for _seed, g in fin.groupby("seed"):
             g = g.assign(x=[xpos[(a, b)] for a, b in zip(g["activation"], g["batch_norm"])])
