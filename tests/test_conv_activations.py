@@ -25,7 +25,7 @@ from biasshift.models.conv import (
     paired_he_init_,
     scaled_stacks,
 )
-from biasshift.reproduce import get_analysis, resolve_settings, run_analysis
+from biasshift.reproduce import UsageError, get_analysis, resolve_settings, run_analysis
 from biasshift.reproduce.conv_activations import CONV_COLUMNS, IterationTimer
 from biasshift.reproduce.conv_stats import (
     mean_sd,
@@ -350,8 +350,6 @@ def test_the_arms_option_keeps_a_subset_of_the_runs() -> None:
 
 
 def test_bad_options_are_named() -> None:
-    from biasshift.reproduce import UsageError
-
     with pytest.raises(UsageError, match="width"):
         resolve_settings("conv-activations", quick=True, options={"width": "0"})
     with pytest.raises(UsageError, match="bn"):
@@ -395,6 +393,15 @@ def test_quick_end_to_end_and_reuse(tmp_path) -> None:
                                           resume=True), progress=False)
     assert all(o.reused for o in again.outcomes)
     assert again.frame["value"].equals(df["value"])
+    # an interrupted analysis is published from its finished runs only
+    (tmp_path / "runs" / "relu-lr0.01-seed1" / "done.json").unlink()
+    part = resolve_settings("conv-activations", quick=True, out=tmp_path / "o3",
+                            work_dir=tmp_path / "runs", jobs=1, threads=1, resume=True,
+                            options={"finished_only": "true"})
+    assert len(ANALYSIS.run_specs(part)) == 15
+    with pytest.raises(UsageError, match="finished_only"):
+        resolve_settings("conv-activations", quick=True, work_dir=tmp_path / "none",
+                         options={"finished_only": "true"})
 
 
 def test_the_timer_measures_training_steps_only() -> None:

@@ -13,7 +13,9 @@ ELU or SReLU, with ELU beating ReLU + BN. This analysis runs that protocol:
   last layer of each stack ``(0, .1, .2, .3, .4, .5, 0)``.
 * **Arms**: every activation (``--activations``, default ELU, SReLU, LReLU, ReLU) with and
   without batch normalisation (option ``bn``), i.e. 8 arms; option ``arms`` (e.g.
-  ``elu,elu-bn,relu,relu-bn,srelu,lrelu``) keeps a subset of them.
+  ``elu,elu-bn,relu,relu-bn,srelu,lrelu``) keeps a subset of them; option
+  ``finished_only`` keeps only the runs already finished in ``--work-dir`` (publish an
+  interrupted analysis without training; the tests then use the seeds both arms have).
 * **Paired seeds**: run ``r`` of every arm starts from the same initial weights
   (:func:`~biasshift.models.conv.paired_he_init_`: He normal from a generator seeded by the
   run's seed, independent of activation and BN; a BN net differs from its plain twin only by
@@ -90,7 +92,6 @@ from biasshift.reproduce.plotting import (
     activation_color,
     activation_label,
     figure_title,
-    new_figure,
     ordered,
 )
 from biasshift.train.plugins import MonitorPlugin, Plugin
@@ -124,6 +125,7 @@ _BASE_OPTIONS: dict[str, Any] = {
     "monitor": True,
     "target_error": 0.0,
     "arms": (),
+    "finished_only": False,
 }
 #: the reduced CPU protocol committed in figures/ (2 shared cores, about 80 minutes): the
 #: monitor is off there (its per-batch cost, see analyses/bench_conv.py); the probe statistic
@@ -259,13 +261,17 @@ class ConvActivations(Analysis):
         if bad:
             raise UsageError(f"option arms={','.join(o['arms'])}: {', '.join(bad)} not among the "
                              f"arms of --activations and bn: {', '.join(names)}")
+        if o["finished_only"] and not self.run_specs(settings):
+            raise UsageError(f"option finished_only: no finished run of these settings in "
+                             f"{settings.work_dir}; train them first (leave the option out)")
         if not 0 <= o["target_error"] < 1:
             raise UsageError(f"option target_error={o['target_error']!r} must be in [0, 1) "
                              "(0: the worst arm's mean final test error)")
 
     def run_specs(self, settings: Settings) -> list[RunSpec]:
         """Seed-major: every arm of seed 0, then of seed 1, ... (so an interrupted run leaves
-        complete pairs, and arms of one seed run close in time for the timing ratio)."""
+        complete pairs, and arms of one seed run close in time for the timing ratio). With
+        ``finished_only`` only the runs with a ``done.json`` in ``--work-dir``."""
         o = settings.options
         run_opts = {k: o[k] for k in _RUN_OPTIONS}
         specs = []
@@ -276,6 +282,9 @@ class ConvActivations(Analysis):
                         if o["arms"] and _arm_name(act, bn) not in o["arms"]:
                             continue
                         run = RunSpec.run_id(_arm_name(act, bn), lr, seed)
+                        if o["finished_only"] and not (
+                                Path(settings.work_dir) / run / "done.json").is_file():
+                            continue
                         specs.append(RunSpec(
                             analysis=self.name, run=run, dataset=settings.dataset,
                             activation=act, seed=seed, lr=lr, epochs=settings.epochs,
@@ -466,7 +475,7 @@ class ConvActivations(Analysis):
                 "epochs": settings.epochs, "seeds": settings.seeds,
                 "batch_size": settings.batch_size,
                 "arms": [arm_label(a, b) for a in settings.activations for b in o["bn"]
-                         if not o["arms"] or _arm_name(a, b) in o["arms"]],
+                         if not o.get("arms") or _arm_name(a, b) in o["arms"]],
                 "n_runs_in_table": int(df["run"].nunique())}
 
     @staticmethod
@@ -531,8 +540,9 @@ class ConvActivations(Analysis):
 
     # ------------------------------------------------------------------ figure
     def plot(self, df: pd.DataFrame, settings: Settings) -> Figure:
-        fig, axes = new_figure(4, width=4.6, height=4.0)
-        ax_a, ax_b, ax_c, ax_d = axes
+        fig = Figure(figsize=(15.0, 8.6), layout="constrained")
+        axes = list(fig.subplots(2, 3).ravel())
+        ax_a, ax_b, ax_e, ax_c, ax_d, ax_f = axes
         acts = ordered(df["activation"], settings.activations)
         bns = sorted(int(b) for b in df["batch_norm"].unique())
         styles = {0: "-", 1: "--"}
@@ -624,6 +634,50 @@ class ConvActivations(Analysis):
         handles = [Line2D([], [], color="0.3", linestyle="-", label="no BN"),
                    Line2D([], [], color="0.3", linestyle="--", label="BN")]
         ax_d.legend(handles=handles, fontsize="small")
+        # e: the BN effect per activation (BN minus plain, per seed), bootstrap CI, Wilcoxon p
+        summ = self.summary(df, settings)
+        bn_eff = summ["bn_effect"]
+        for i, a in enumerate(acts):
+            e = bn_eff.get(activation_label(a))
+            if e is None:
+                continue
+            c = activation_color(a)
+            m, lo, hi = (100 * e[k] for k in ("bn_minus_plain_mean", "ci95_low", "ci95_high"))
+            ax_e.errorbar([i], [m], yerr=[[m - lo], [hi - m]], color=c, marker="o", capsize=4)
+            ax_e.annotate(f"p={e['p_exact']:.3g}\nn={e['n']}", (i, hi), textcoords="offset points",
+                          xytext=(0, 4), ha="center", fontsize="x-small")
+        ax_e.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+        ax_e.margins(y=0.2)
+        ax_e.set_xticks(range(len(acts)), [activation_label(a) for a in acts])
+        ax_e.set_xlim(-0.5, len(acts) - 0.5)
+        ax_e.set_ylabel("BN minus plain, final test error (points of %)")
+        ax_e.set_title("e  BN effect: mean, bootstrap 95% CI, exact Wilcoxon p", loc="left",
+                       fontsize="medium")
+        if not bn_eff:
+            ax_e.text(0.5, 0.5, "needs arms with and without BN", transform=ax_e.transAxes,
+                      ha="center")
+
+        # f: training wall time per step per arm, relative to ReLU without BN (per seed)
+        t = df[df["quantity"] == "train_seconds_per_step"]
+        per_run = t.groupby(["activation", "batch_norm", "seed"])["value"].median()
+        if ("relu", 0) in {(a, b) for a, b, _ in per_run.index}:
+            ref = per_run.loc[("relu", 0)]
+            for i, (a, b) in enumerate(arms):
+                if (a, b) not in {(x, y) for x, y, _ in per_run.index}:
+                    continue
+                r = per_run.loc[(a, b)]
+                common = sorted(set(r.index) & set(ref.index))
+                v = (r.loc[common] / ref.loc[common]).to_numpy()
+                ax_f.plot(np.full(len(v), i), v, linestyle="none", color=activation_color(a),
+                          marker="o" if b == 0 else "s",
+                          mfc=activation_color(a) if b == 0 else "white", ms=4)
+                ax_f.plot([i - 0.3, i + 0.3], [np.median(v)] * 2, color=activation_color(a))
+            ax_f.axhline(1.0, color="0.6", lw=0.8, zorder=0)
+            ax_f.set_xticks(range(len(arms)), [arm_label(a, b) for a, b in arms], rotation=45,
+                            ha="right", fontsize="small")
+        ax_f.set_ylabel("seconds per step / ReLU's (same seed)")
+        ax_f.set_title("f  training time per step vs ReLU (bar: median)", loc="left",
+                       fontsize="medium")
         for ax in axes:
             ax.tick_params(labelsize="small")
         o = settings.options
