@@ -630,7 +630,9 @@ class ConvActivations(Analysis):
         ax_d.axhline(0.0, color="0.6", lw=0.8, zorder=0)
         ax_d.set_xlabel("epoch")
         ax_d.set_ylabel("median over all channels of channel mean")
-        ax_d.set_title("d  all layers: probe (lines), training batches (dots)", loc="left",
+        monitored = (df["quantity"] == "train_median_of_means").any()
+        ax_d.set_title("d  all layers: probe (lines), training batches (dots)" if monitored
+                       else "d  all layers: probe (eval mode; monitor off)", loc="left",
                        fontsize="medium")
         handles = [Line2D([], [], color="0.3", linestyle="-", label="no BN"),
                    Line2D([], [], color="0.3", linestyle="--", label="BN")]
