@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the first 1500 training and 500 test images to stay as quick); "
                           "output defaults to figures/quick/")
     rep.add_argument("--dataset", metavar="NAME",
-                     help="mnist, fashion-mnist or digits (preset: mnist; quick: digits)")
+                     help="mnist, fashion-mnist, digits, cifar10 or cifar100 (preset: mnist; "
+                          "quick: digits; conv-activations: fashion-mnist)")
     rep.add_argument("--data-dir", metavar="DIR",
                      help="folder with the dataset's IDX files (or with <dataset>/ inside)")
     rep.add_argument("--epochs", type=_positive, metavar="N", help="epochs per run")

@@ -287,3 +287,21 @@ def test_runs_with_trainer_options_are_never_stacked(monkeypatch) -> None:
     specs = a.run_specs(s)
     assert len(specs) >= 2 and all(a.trainer_options(x) for x in specs)
     assert [len(u) for u in plan_stacks(a, specs, s, load_dataset("digits"))] == [1] * len(specs)
+
+
+def test_bce_reconstruction_members_are_refused(digits) -> None:
+    """A stack trains the summed squared error only: a member on the Bernoulli cross-entropy
+    (the autoencoder preset's loss) is refused with the reason, an SSE member is not."""
+    def ae(act: str) -> nn.Module:
+        return autoencoder(act, in_features=64, encoder=(24, 12, 6))
+
+    bce = make(digits, "elu", 0, 1e-3, model=functools.partial(ae, "elu"),
+               loss="reconstruction", reconstruction_loss="bce", reconstruction_logits=True)
+    why = batchable(bce)
+    assert why is not None and "'bce'" in why
+    sse = make(digits, "elu", 0, 1e-3, model=functools.partial(ae, "elu"), loss="reconstruction")
+    assert batchable(sse) is None
+    with pytest.raises(ValueError, match="bce"):
+        BatchedTrainer([bce, make(digits, "relu", 1, 1e-3, model=functools.partial(ae, "relu"),
+                                  loss="reconstruction", reconstruction_loss="bce",
+                                  reconstruction_logits=True)])

@@ -55,7 +55,10 @@ __all__ = [
     "SpatialPyramidPool",
     "cifar_conv11",
     "cifar_conv18",
+    "cifar_pooled_stacks",
     "imagenet_conv15",
+    "paired_he_init_",
+    "scaled_stacks",
 ]
 
 #: A stack: ``(layers, units, receptive field)`` groups, as the paper lists them.
@@ -93,6 +96,60 @@ IMAGENET15_STACKS: tuple[Stack, ...] = (
 IMAGENET15_FC = (4096, 4096)
 
 _CIFAR_POOLED_STACKS = 5
+
+
+def cifar_pooled_stacks(input_size: int, stacks: int = _CIFAR_POOLED_STACKS) -> int:
+    """How many leading stacks can be followed by a 2x2/2 max pooling for ``input_size`` inputs.
+
+    Each pooling halves the map (floor), and a map must keep at least 1x1, so at most
+    ``floor(log2(input_size))`` poolings fit; never more than the ``stacks`` the CIFAR nets
+    pool after (5). 32x32 (CIFAR) -> 5 (32, 16, 8, 4, 2, 1); 28x28 (MNIST, Fashion-MNIST) -> 4
+    (28, 14, 7, 3, 1); 8x8 (the digits) -> 3 (8, 4, 2, 1).
+    """
+    if isinstance(input_size, bool) or int(input_size) < 1:
+        raise ValueError(f"cifar_pooled_stacks: input_size must be a positive int, got "
+                         f"{input_size!r}")
+    return min(int(stacks), int(input_size).bit_length() - 1)
+
+
+def scaled_stacks(stacks: tuple[Stack, ...], width: float) -> tuple[Stack, ...]:
+    """The stacks with every layer's unit count multiplied by ``width`` (rounded, at least 1).
+
+    The classifier stack (the last) is replaced by the builders anyway (``num_classes``).
+    ``width=1/8`` turns the 11-layer net's 192..300 units into 24..38.
+    """
+    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width):
+        raise ValueError(f"scaled_stacks: width must be a positive number, got {width!r}")
+    return tuple(tuple((count, max(1, round(units * width)), kernel)
+                       for count, units, kernel in stack) for stack in stacks)
+
+
+def paired_he_init_(model: nn.Module, seed: int) -> nn.Module:
+    """He initialisation drawn from a private generator, the same for every activation and BN.
+
+    The paper's "the same run number shares initial weights across units": every convolution and
+    linear weight, in ``named_modules`` order, is drawn from ``N(0, 2 / fan_in)`` with a CPU
+    generator seeded with ``seed`` (one ``normal_`` per weight), biases are zero, and batch-norm
+    scales one and shifts zero. The draws do not depend on the activation or on whether batch
+    norm is present (torch's own ``reset_parameters`` draws a bias only when there is one, so
+    the global stream cannot pair a BN net with its plain twin); two nets of the same shapes get
+    identical weights, and a BN net differs from its plain twin only by the BN parameters (and
+    the absent, zero-initialised conv biases). Works on CPU and CUDA models (drawn on the CPU).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                fan_in = m.weight[0].numel()
+                w = torch.empty(m.weight.shape, dtype=torch.float32)
+                w.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+                m.weight.copy_(w)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    return model
 
 
 class SpatialPyramidPool(nn.Module):
@@ -179,9 +236,16 @@ def _conv_stack(
 def _cifar_net(
     stacks: tuple[Stack, ...], default_rates: Sequence[float], what: str, activation: str,
     num_classes: int, batch_norm: bool, dropout: bool | Sequence[float], in_channels: int,
-    act_kwargs: dict[str, float],
+    act_kwargs: dict[str, float], width: float = 1.0,
+    pooled_stacks: int = _CIFAR_POOLED_STACKS,
 ) -> nn.Sequential:
     rates = _rates(dropout, default_rates, what)
+    if isinstance(pooled_stacks, bool) or not 0 <= int(pooled_stacks) <= len(stacks) - 1:
+        raise ValueError(f"{what}: pooled_stacks must be in 0..{len(stacks) - 1}, got "
+                         f"{pooled_stacks!r}; cifar_pooled_stacks(input_size) gives the most "
+                         "the input allows")
+    if width != 1.0:
+        stacks = scaled_stacks(stacks, width)
     if rates[-1] != 0.0:
         raise ValueError(f"{what}: the last stack gives the logits; its dropout rate must be 0, "
                          f"got {rates[-1]}")
@@ -194,7 +258,7 @@ def _cifar_net(
         last = k == len(stacks)
         net[f"stack{k}"], channels = _conv_stack(
             channels, stack, activation, act_kwargs, batch_norm=batch_norm,
-            pool=k <= _CIFAR_POOLED_STACKS, dropout=None if last else rate, logits=last,
+            pool=k <= pooled_stacks, dropout=None if last else rate, logits=last,
         )
     net["gap"] = nn.AdaptiveAvgPool2d(1)
     net["flatten"] = nn.Flatten()
@@ -208,6 +272,8 @@ def cifar_conv11(
     dropout: bool | Sequence[float] = True,
     *,
     in_channels: int = 3,
+    width: float = 1.0,
+    pooled_stacks: int = _CIFAR_POOLED_STACKS,
     **act_kwargs: float,
 ) -> nn.Sequential:
     """The 11-layer CIFAR-100 network of the activation comparison (Section 4.3, Fig. 4 and 5).
@@ -224,13 +290,19 @@ def cifar_conv11(
         batch_norm: batch normalisation after every hidden convolution (the paper's BN variant).
         dropout: True for the paper's rates, False for none (rate 0 everywhere), or 7 rates.
         in_channels: 3 for RGB.
+        width: a multiplier of every hidden layer's unit count (:func:`scaled_stacks`;
+            ``1/8``: 24..38 units), for reduced-scale runs; 1 is the paper's net.
+        pooled_stacks: how many leading stacks end with 2x2 max pooling (5 for 32x32 inputs;
+            :func:`cifar_pooled_stacks` gives the most an input size allows, e.g. 4 at 28x28).
 
-    Input ``(N, 3, H, W)`` with ``H, W >= 32`` (the paper: 32x32 crops); output ``(N,
+    Input ``(N, 3, H, W)`` with ``H, W >= 32`` (the paper: 32x32 crops; smaller inputs with
+    fewer ``pooled_stacks``); output ``(N,
     num_classes)`` logits. 11 convolutions; 1,669,028 parameters for ``num_classes=100``
     (1,671,572 with ``batch_norm=True``: the biases move into BN, which adds a scale per unit).
     """
     return _cifar_net(CIFAR11_STACKS, CIFAR11_DROPOUT, "cifar_conv11", activation, num_classes,
-                      batch_norm, dropout, in_channels, act_kwargs)
+                      batch_norm, dropout, in_channels, act_kwargs, width=width,
+                      pooled_stacks=pooled_stacks)
 
 
 def cifar_conv18(

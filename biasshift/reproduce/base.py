@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from biasshift.data.base import ArrayDataset
-    from biasshift.train.trainer import OptimizerFactory, Trainer
+    from biasshift.train.trainer import Augment, OptimizerFactory, Trainer
 
 __all__ = [
     "ANALYSES",
@@ -78,7 +78,7 @@ __all__ = [
 
 TIDY_COLUMNS = ("analysis", "run", "dataset", "activation", "seed", "lr", "epoch", "layer",
                 "unit", "quantity", "value")
-DATASETS = ("mnist", "fashion-mnist", "digits")
+DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "cifar100")
 #: training / test images of the quick preset on MNIST and Fashion-MNIST (the digits have 1437/360)
 QUICK_TRAIN_SIZE = 1500
 QUICK_TEST_SIZE = 500
@@ -195,7 +195,9 @@ class Analysis:
         figure: which figure of the paper it reproduces (``"Fig. 2"``).
         description: one line for ``biasshift list``.
         loss: the trainer's loss (``"cross_entropy"`` or ``"reconstruction"``).
-        presets: ``{"paper": Preset, "quick": Preset}``.
+        presets: ``{"paper": Preset, "quick": Preset}``, optionally ``"cuda"``: the preset used
+            instead of ``"paper"`` when ``--device`` is a CUDA device (a full-scale protocol
+            for a GPU machine).
         min_epochs: the fewest epochs the analysis can summarise.
         probe_medians: whether runs need each unit's exact probe median (costly; see
             :class:`~biasshift.train.Trainer`).
@@ -258,6 +260,14 @@ class Analysis:
         """Further keyword arguments of the run's :class:`~biasshift.train.Trainer` (e.g.
         ``reconstruction_loss``); default none."""
         return {}
+    def prepare_dataset(self, spec: RunSpec, dataset: ArrayDataset) -> ArrayDataset:
+        """The dataset the run trains on, from the loaded one (after the spec's
+        ``train_size``/``test_size``): e.g. preprocessing or a subset. Default: unchanged."""
+        return dataset
+
+    def augment(self, spec: RunSpec) -> Augment | None:
+        """The run's training-batch augmentation (the trainer's ``augment``); default none."""
+        return None
 
     def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
                   trainer: Trainer | None) -> pd.DataFrame:

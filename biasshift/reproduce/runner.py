@@ -268,6 +268,8 @@ def resolve_settings(
     """
     analysis = get_analysis(name)
     preset_name = "quick" if quick else "paper"
+    if not quick and "cuda" in analysis.presets and str(device).strip().lower().startswith("cuda"):
+        preset_name = "cuda"  # the analysis's full-scale GPU protocol
     preset = analysis.presets[preset_name]
 
     ds = (dataset or preset.dataset).strip().lower()
@@ -561,6 +563,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | Non
     ds = dataset if dataset is not None else _dataset(spec.dataset, data_dir)
     if spec.train_size is not None or spec.test_size is not None:
         ds = ds.subset(spec.train_size, spec.test_size)
+    ds = analysis.prepare_dataset(spec, ds)
     data_id = data_fingerprint(ds)
 
     if resume and spec_path.exists():
@@ -640,6 +643,7 @@ def _run_locked(spec: RunSpec, run_dir: Path, *, device: str, threads: int | Non
         threads=threads,
         progress=(lambda tr: progress(spec.run, tr.epoch)) if progress is not None else False,
         **analysis.trainer_options(spec),
+        augment=analysis.augment(spec),
     )
     try:
         history = trainer.fit(resume=resume)
@@ -737,8 +741,10 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     """Group the runs into stacks for :func:`run_stack` (lists of length 1: the single path).
 
     Runs share a stack when they differ only in activation, lr and seed, the analysis trains
-    them with the default SGD, no plug-ins and no further trainer options (such as the
-    autoencoder's ``reconstruction_loss``), and the model stacks
+    them with the default SGD, no plug-ins, no further trainer options (such as the
+    autoencoder's ``reconstruction_loss``), no augmentation and the loaded dataset as it is
+    (no :meth:`~biasshift.reproduce.base.Analysis.prepare_dataset` of its own), and the
+    model stacks
     (:func:`~biasshift.models.stacked.stackable`).  ``settings.batch_runs``: ``1`` = every run
     alone (today's path), ``K`` = stacks of at most ``K``, ``0`` = automatic: as many runs as
     fit a quarter of the free memory (:func:`~biasshift.train.batched.member_bytes`), spread
@@ -755,7 +761,8 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     alone: list[RunSpec] = []
     for s in specs:
         if analysis.optimizer(s) is not None or analysis.plugins(s) \
-                or analysis.trainer_options(s):
+                or analysis.trainer_options(s) or analysis.augment(s) is not None \
+                or type(analysis).prepare_dataset is not Analysis.prepare_dataset:
             alone.append(s)
             continue
         groups.setdefault(_stack_key(s), []).append(s)
@@ -985,6 +992,14 @@ def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
     return [results[i] for i in range(len(specs))]
 
 
+def _run_specs(analysis: Analysis, settings: Settings) -> list[RunSpec]:
+    """The analysis's runs with the settings' training/test subset (the quick preset's),
+    unless the analysis set the runs' own; the same for ``run_analysis`` and ``run_index``."""
+    return [replace(s, train_size=settings.train_size if s.train_size is None else s.train_size,
+                    test_size=settings.test_size if s.test_size is None else s.test_size)
+            for s in analysis.run_specs(settings)]
+
+
 def list_runs(settings: Settings) -> list[str]:
     """The run ids of ``settings.analysis``, in the order ``--run-index`` numbers them."""
     return [s.run for s in get_analysis(settings.analysis).run_specs(settings)]
@@ -1002,8 +1017,7 @@ def run_index(settings: Settings, index: int, *, progress: bool = True) -> RunOu
     """
     analysis = get_analysis(settings.analysis)
     analysis.validate(settings)
-    specs = [replace(s, train_size=settings.train_size, test_size=settings.test_size)
-             for s in analysis.run_specs(settings)]
+    specs = _run_specs(analysis, settings)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(specs):
         raise UsageError(f"--run-index {index!r} is out of range: {analysis.name} has "
                          f"{len(specs)} runs with these settings, numbered 0 to "
@@ -1124,10 +1138,7 @@ def run_analysis(settings: Settings, *, progress: bool = True,
     analysis.validate(settings)
     check_output_folders(settings)
     dataset = _dataset(settings.dataset, settings.data_dir)  # fails early when data is missing
-    # the settings' subset (the quick preset's), unless the analysis set the runs' own
-    specs = [replace(s, train_size=settings.train_size if s.train_size is None else s.train_size,
-                     test_size=settings.test_size if s.test_size is None else s.test_size)
-             for s in analysis.run_specs(settings)]
+    specs = _run_specs(analysis, settings)
     try:
         lock = FolderLock(settings.work_dir, what="work dir").acquire()
     except FolderLockedError as err:

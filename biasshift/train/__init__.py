@@ -7,6 +7,8 @@
 * :class:`BiasShiftTracker` — measures, on a :class:`StepSchedule` of steps, each unit's bias
   shift and the gap between the gradient and the unit natural gradient
   (:mod:`biasshift.train.tracking`); :func:`summarize_tracking` gives per-layer quantiles;
+* :class:`StepLearningRate` — a step learning-rate schedule plug-in;
+  :func:`paper_cifar_schedule` is the paper's CIFAR schedule scaled to a run's length;
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, ``weights_only`` checkpoints;
 * :class:`BatchedTrainer` — ``K`` Trainer runs trained as one stacked model (batched GEMMs),
   each keeping its own init, data order, lr, history and checkpoints
@@ -18,6 +20,7 @@ from __future__ import annotations
 from biasshift.train.batched import BatchedTrainer
 from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biasshift.train.plugins import MonitorLike, MonitorPlugin, Plugin
+from biasshift.train.schedule import StepLearningRate, paper_cifar_schedule
 from biasshift.train.tracking import BiasShiftTracker, StepSchedule, summarize_tracking
 from biasshift.train.trainer import HISTORY_COLUMNS, LOSSES, Trainer, derive_seed
 
@@ -30,10 +33,12 @@ __all__ = [
     "MonitorLike",
     "MonitorPlugin",
     "Plugin",
+    "StepLearningRate",
     "StepSchedule",
     "Trainer",
     "derive_seed",
     "load_checkpoint",
+    "paper_cifar_schedule",
     "save_checkpoint",
     "summarize_tracking",
 ]

@@ -74,6 +74,11 @@ def batchable(trainer: Trainer) -> str | None:
         return why
     if trainer.plugins:
         return "it has plug-ins (per-step callbacks see one model)"
+    if trainer.loss == "reconstruction" and (trainer.reconstruction_loss != "sse"
+                                             or trainer.reconstruction_logits):
+        return (f"its reconstruction loss is {trainer.reconstruction_loss!r}"
+                f"{' on logits' if trainer.reconstruction_logits else ''}; a stack trains "
+                "the summed squared error of the model's output only")
     opt = trainer.optimizer
     if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
         return f"its optimizer is {type(opt).__name__}, not the default plain SGD"
@@ -341,6 +346,8 @@ class BatchedTrainer:
                         total += (pred - target).square().sum((1, 2)).double()
                 for k in range(self.K):
                     out[k][f"{split}_loss"] = total[k] / xs.shape[0]
+                    if t0.loss == "reconstruction":  # the loss is the SSE (see batchable)
+                        out[k][f"{split}_sse"] = total[k] / xs.shape[0]
                     if t0.loss == "cross_entropy":
                         out[k][f"{split}_acc"] = correct[k].double() / xs.shape[0]
         finally:

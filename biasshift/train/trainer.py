@@ -89,7 +89,7 @@ from biasshift.train.reconstruction import (
     summed_squared_error,
 )
 
-__all__ = ["HISTORY_COLUMNS", "LOSSES", "Trainer", "derive_seed"]
+__all__ = ["HISTORY_COLUMNS", "LOSSES", "Augment", "Trainer", "derive_seed"]
 
 LOSSES = ("cross_entropy", "reconstruction")
 HISTORY_COLUMNS = ("run", "epoch", "layer", "unit", "quantity", "value")
@@ -103,6 +103,9 @@ _CALLBACKS = ("on_fit_start", "on_before_step", "on_after_step", "on_epoch_end",
               "state_dict", "load_state_dict")
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+#: ``(batch, generator) -> batch``: a training-batch augmentation (e.g. the paper's CIFAR crops
+#: and flips, :func:`biasshift.data.pad_crop_flip`); all its randomness from ``generator``
+Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
 def _noop(trainer: Trainer) -> None:
@@ -221,6 +224,11 @@ class Trainer:
         progress: ``True`` for a tqdm bar over epochs (hidden when stderr is not a terminal), or a
             callable ``trainer -> None`` called after every epoch (and once after the initial
             evaluation or the resume).
+        augment: ``(x, generator) -> x`` applied to every training mini-batch (never to the
+            evaluation or probe passes), e.g. ``biasshift.data.pad_crop_flip``. Its generator
+            lives on ``device`` and is reseeded each epoch with ``derive_seed(seed, "augment",
+            epoch)``, so the augmentation is the same after a resume and independent of the
+            global generators (dropout). ``None``: the batches as they are.
     """
 
     def __init__(
@@ -248,6 +256,7 @@ class Trainer:
         run_name: str = "run",
         threads: int | None = None,
         progress: bool | Callable[[Trainer], None] = False,
+        augment: Augment | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"Trainer: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -282,6 +291,10 @@ class Trainer:
         if self.checkpoint_dir is not None:
             _check_checkpoint_dir(self.checkpoint_dir)
         self.progress = progress
+        if augment is not None and not callable(augment):
+            raise TypeError(f"Trainer: augment must be a callable (x, generator) -> x, got "
+                            f"{type(augment).__name__}")
+        self.augment = augment
 
         if not isinstance(dataset, ArrayDataset):
             raise TypeError("Trainer: dataset must be an ArrayDataset (see load_dataset), "
@@ -608,10 +621,16 @@ class Trainer:
         # the order of biasshift.data.batch_indices, with an asynchronous copy to the device
         perm = self.epoch_order(epoch).to(self.device, non_blocking=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        augment, gen = self.augment, None
+        if augment is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(derive_seed(self.seed, "augment", epoch))
         model.train()
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             x = xs[idx]
+            if gen is not None:
+                x = augment(x, gen)
             y = x if recon else ys[idx]
             loss = self._batch_loss(model(x), x, y)
             opt.zero_grad(set_to_none=True)
