@@ -16,7 +16,8 @@ from biasshift.reproduce.base import ANALYSES, Analysis, UsageError, register
 
 __all__ = ["ANALYSES", "get_analysis", "register"]
 
-_MODULES = ("activation_median", "median_variance", "autoencoder", "natural_gradient_gap")
+_MODULES = ("activation_median", "median_variance", "autoencoder", "natural_gradient_gap",
+            "bias_shift_mechanism")
 
 
 def get_analysis(name: str) -> Analysis:
