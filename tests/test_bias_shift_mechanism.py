@@ -43,8 +43,8 @@ from biasshift.stats import (
     wilcoxon_exact,
 )
 from biasshift.train.loss_curve import LossCurve, steps_to_threshold
-from biasshift.train.trainer import Trainer
 from biasshift.train.tracking import StepSchedule
+from biasshift.train.trainer import Trainer
 
 
 # ----------------------------------------------------------------------------- activations
@@ -138,7 +138,7 @@ def test_parse_arm() -> None:
 def _spec(analysis: BiasShiftMechanism, arm: str, seed: int):
     s = resolve_settings("bias-shift-mechanism", quick=True, seeds=seed + 1)
     s = type(s)(**{**s.__dict__, "options": {**s.options, "arms": (arm,), "ng_arms": ()}})
-    return [x for x in analysis.run_specs(s) if x.seed == seed][0]
+    return next(x for x in analysis.run_specs(s) if x.seed == seed)
 
 
 def test_paired_initial_weights_across_arms() -> None:
@@ -174,6 +174,43 @@ def test_input_centring_module() -> None:
     z = model.centre(ds.train_x)
     torch.testing.assert_close(z.mean(0), torch.zeros_like(z[0]), atol=1e-5, rtol=0)
     assert not list(model.centre.parameters())
+
+
+def test_cuda_preset_is_chosen_on_cuda_only() -> None:
+    from biasshift.reproduce.registry import get_analysis
+
+    a = BiasShiftMechanism()
+    assert a.preset_name(False, "cuda") == "cuda" and a.presets["cuda"].seeds > 5
+    assert a.preset_name(False, "cpu") == "paper" and a.preset_name(True, "cuda") == "quick"
+    assert get_analysis("activation-median").preset_name(False, "cuda") == "paper"
+    p = a.presets["paper"]
+    assert (p.dataset, p.epochs, p.seeds, p.lrs, p.model) == (
+        "mnist", 15, 5, (0.01,), {"depth": 8, "width": 128})
+
+
+def test_tolerant_tracker_records_singular_blocks_as_nan() -> None:
+    """With damping 0 a dead input makes the next layer's blocks singular: the run goes on,
+    the step is counted and the units' Fisher quantities are NaN."""
+    from biasshift.reproduce.bias_shift_mechanism import TolerantTracker
+
+    ds = load_dataset("digits")
+
+    def model() -> nn.Module:
+        net = paper_mlp("relu", depth=2, width=8, in_features=64)
+        with torch.no_grad():
+            net.fc1.bias[0] = -1e3  # unit 0 of layer 1 is dead: fc2's input 0 is constant
+        return net
+
+    trk = TolerantTracker(probe_size=200, schedule=[1, 2], damping=0.0)
+    tr = Trainer(model, ds, epochs=1, seed=0, probe_size=0, plugins=[trk], progress=False)
+    tr.fit()
+    assert trk.singular_steps == 2 and trk.info()["singular_steps"] == 2
+    f = trk.frame()
+    cos = f[(f["layer"] == "fc2") & (f["quantity"] == "cos_grad_ng")]["value"]
+    assert cos.isna().all()
+    # the measured quantities are kept
+    kept = f[(f["layer"] == "fc2") & (f["quantity"] == "step_bias_shift_measured")]["value"]
+    assert len(kept) == 16 and np.isfinite(kept).all()
 
 
 # ----------------------------------------------------------------------------- loss curve
@@ -294,7 +331,7 @@ def test_fisher_z_pool_and_pooled_spearman() -> None:
     rows = []
     for seed in range(6):
         for layer in ("a", "b"):
-            for arm in range(5):
+            for _ in range(5):
                 x = rng.normal()
                 rows.append({"seed": seed, "layer": layer, "phase": "p", "x": x,
                              "y": (x if layer == "a" else -x) + 0.3 * rng.normal()})
@@ -359,7 +396,7 @@ def test_tiny_end_to_end(tmp_path) -> None:
     assert set(df["arm"]) == {"elu-0.5", "elu", "elu+1", "crelu", "relu", "relu/bn", "elu/ci",
                               "elu/ung", "relu/ung"}
     rt = run_table(df, s)
-    assert len(rt) == 2 * (7 + 2 + 2)
+    assert len(rt) == 2 * (7 + 2)  # SGD at ng_sgd_lr = --lr: the main arms serve
     assert {"steps_to_0.3", "loss_at_10", "mean_scale_q_damped"} <= set(rt.columns)
     record = json.loads(res.paths["json"].read_text())
     summ = record["summary"]

@@ -32,7 +32,7 @@ from biasshift.train import Plugin, Trainer
 # ------------------------------------------------------------------------------------ registry
 def test_registry_holds_the_three_analyses_with_the_papers_presets() -> None:
     assert list(ANALYSES) == ["activation-median", "median-variance", "autoencoder",
-                              "natural-gradient-gap"]
+                              "natural-gradient-gap", "bias-shift-mechanism"]
     am = ANALYSES["activation-median"].presets["paper"]
     assert (am.dataset, am.epochs, am.seeds, am.lrs, am.batch_size, am.probe_size) == (
         "mnist", 300, 5, (0.01,), 64, 10_000)

@@ -154,7 +154,7 @@ _PAPER_OPTIONS: dict[str, Any] = {
     "loss_size": 10_000,
     "loss_per_decade": 12,
     # from analyses/bias_shift_mechanism_lr_sweep.py (1 epoch of MNIST, ELU and ReLU, seed 100)
-    "ung_lr": 0.03,
+    "ung_lr": 0.1,
     "ng_sgd_lr": 0.03,
     "ung_epochs": 0,
     "ng_seeds": 0,
@@ -474,8 +474,7 @@ class BiasShiftMechanism(Analysis):
         df = pd.concat(parts, ignore_index=True)
         df = df.assign(analysis=spec.analysis, run=spec.run, dataset=spec.dataset,
                        activation=spec.activation, seed=spec.seed, lr=spec.lr,
-                       arm=str(spec.options["arm"]) + ("/ung" if spec.optimizer == "ung"
-                                                       else ""),
+                       arm=str(spec.options["arm"]),
                        optimizer=spec.optimizer)
         for col in ("analysis", "run", "dataset", "activation", "arm", "optimizer", "stat",
                     "layer", "quantity"):
