@@ -206,17 +206,28 @@ def fisher_z_pool(r: Sequence[float] | np.ndarray, n: Sequence[int] | np.ndarray
     return float(np.tanh(np.sum(w * z) / np.sum(w)))
 
 
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: Pearson's r of the average ranks (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / den if den > 0 else float("nan")
+
+
 def _group_spearman(df: pd.DataFrame, x: str, y: str, groups: Sequence[str]
                     ) -> pd.DataFrame:
-    from scipy.stats import spearmanr
-
     rows = []
     for key, g in df.groupby(list(groups), sort=True):
-        g = g[np.isfinite(g[x].to_numpy(np.float64)) & np.isfinite(g[y].to_numpy(np.float64))]
-        n = len(g)
+        gx, gy = g[x].to_numpy(np.float64), g[y].to_numpy(np.float64)
+        ok = np.isfinite(gx) & np.isfinite(gy)
+        gx, gy = gx[ok], gy[ok]
+        n = int(ok.sum())
         rho = float("nan")
-        if n >= 3 and g[x].nunique() > 1 and g[y].nunique() > 1:
-            rho = float(spearmanr(g[x], g[y]).statistic)
+        if n >= 3 and np.ptp(gx) > 0 and np.ptp(gy) > 0:
+            rho = _spearman(gx, gy)
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(groups, key)), "n": n, "rho": rho})
     return pd.DataFrame(rows)
@@ -246,8 +257,12 @@ def pooled_spearman(df: pd.DataFrame, x: str, y: str, groups: Sequence[str], *,
         boot = []
         for _ in range(n_boot):
             draw = rng.choice(seeds, size=seeds.size, replace=True)
-            # a seed drawn twice enters twice; its rows are relabelled so ties stay within copies
-            sample = pd.concat([by_seed[s] for s in draw], ignore_index=True)
+            # a seed drawn twice enters twice; when the groups are per seed, each copy is a
+            # group of its own (so a copy does not double a group's size and weight)
+            parts = [by_seed[s] for s in draw]
+            if seed_col in groups:
+                parts = [p.assign(**{seed_col: i}) for i, p in enumerate(parts)]
+            sample = pd.concat(parts, ignore_index=True)
             p = _group_spearman(sample, x, y, groups)
             boot.append(fisher_z_pool(p["rho"], p["n"]))
         b = np.asarray(boot)

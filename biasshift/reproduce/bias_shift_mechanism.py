@@ -29,7 +29,8 @@ Arms (option ``arms``; each ``ACTIVATION[/bn][/ci]``, trained with plain SGD at 
     optimizers' runs of this arm train ``ung_epochs`` epochs (0: ``--epochs``) on the first
     ``ng_seeds`` seeds (0: all).
 
-    ``--activations`` restricts the arms to those whose unit is listed.
+    ``--activations`` restricts the arms to those whose unit is listed; ``arms=none`` or
+    ``ng_arms=none`` leaves a group out.
 
 Paired seeds
     Run ``r`` of every arm uses seed ``r``: the trainer draws the initial weights from
@@ -73,6 +74,15 @@ Tidy CSV (columns :data:`BSM_COLUMNS`)
     * the tracker's per-layer (``fc1`` … ``out``) and pooled (``act_fed``: every layer but the
       first) summaries over units at every tracked step: ``stat`` ``median``, ``q0.25``,
       ``q0.75`` (pooled only) and ``median_abs`` (signed quantities).
+
+Cost (one thread, this project's 2-core CPU when idle; measured: an SGD epoch with its
+evaluation 3.8 s, a probe measurement of 512 samples 1.64 s (256: 0.77 s), a UNG epoch about
+69 s plus a 27 s warm-up)
+    The paper preset's 60 SGD runs of 15 epochs (47 tracked steps, 61 loss evaluations each)
+    take about 139 CPU-minutes, the natural-gradient arm (``ung_epochs=3``: 15 UNG runs and 15
+    SGD runs of 3 epochs) about 80: some 220 CPU-minutes, 1.8 hours on the two cores
+    (``--jobs 2 --threads 1``).  With ``ung_epochs=15`` the UNG runs alone take about 290
+    CPU-minutes.  The ``cuda`` preset (``--device cuda``) runs 12 seeds.
 
 Figure: (a, b) dose-response: steps to CE < 0.1 against ``mean_scale_q_damped`` and against
 ``cos_ng_uncorrected`` (act_fed, first-epoch median), per run and arm means with bootstrap CIs;
@@ -156,7 +166,7 @@ _PAPER_OPTIONS: dict[str, Any] = {
     # from analyses/bias_shift_mechanism_lr_sweep.py (1 epoch of MNIST, ELU and ReLU, seed 100)
     "ung_lr": 0.1,
     "ng_sgd_lr": 0.03,
-    "ung_epochs": 0,
+    "ung_epochs": 3,
     "ng_seeds": 0,
     "ung_damping": 1e-3,
     "ung_ema": 0.95,
@@ -303,8 +313,8 @@ class BiasShiftMechanism(Analysis):
     def validate(self, settings: Settings) -> None:
         super().validate(settings)
         o = settings.options
-        arms = [parse_arm(a) for a in o["arms"]]
-        ng = [parse_arm(a) for a in o["ng_arms"]]
+        arms = [parse_arm(a) for a in o["arms"] if a != "none"]
+        ng = [parse_arm(a) for a in o["ng_arms"] if a != "none"]
         if any(a.bn or a.ci for a in ng):
             raise UsageError("option ng_arms: natural-gradient arms take a plain unit (no /bn, "
                              "/ci)")
@@ -344,8 +354,10 @@ class BiasShiftMechanism(Analysis):
     def _arms(self, settings: Settings) -> tuple[list[Arm], list[Arm]]:
         keep = set(settings.activations)
         o = settings.options
-        arms = [a for a in (parse_arm(t) for t in o["arms"]) if a.activation in keep]
-        ng = [a for a in (parse_arm(t) for t in o["ng_arms"]) if a.activation in keep]
+        arms = [a for a in (parse_arm(t) for t in o["arms"] if t != "none")
+                if a.activation in keep]
+        ng = [a for a in (parse_arm(t) for t in o["ng_arms"] if t != "none")
+              if a.activation in keep]
         return arms, ng
 
     def run_specs(self, settings: Settings) -> list[RunSpec]:

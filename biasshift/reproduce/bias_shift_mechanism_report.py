@@ -260,6 +260,13 @@ def summarize(df: pd.DataFrame, settings: Settings) -> dict[str, Any]:
             d[f"slope_{q}_per_unit_shift"] = _per_seed_slope(rt, dose, lr, "shift", q, nb)
             d[f"slope_steps_per_{q}"] = _per_seed_slope(rt, dose, lr, q, main, nb)
         d["vs_elu"] = {a: comp(a, "elu") for a in dose if a != "elu"}
+        sel = rt[rt["arm"].isin(dose) & np.isclose(rt["lr"], lr)]
+        d["rank_within_seed"] = {
+            f"{q}~{main}": pooled_spearman(sel, q, main, ["seed"], n_boot=nb // 10 or 1)
+            for q in ("shift", "mean_scale_q_damped", "cos_ng_uncorrected", "cos_grad_ng")}
+        d["rank_within_seed"]["definition"] = (
+            "per seed, Spearman over the dose arms; Fisher-z pooled over seeds (weights n-3); "
+            "bootstrap over seeds")
     out["dose_response"] = d
 
     # centring and the paper's units
@@ -351,7 +358,20 @@ def _ng_summary(rt: pd.DataFrame, settings: Settings, nb: int) -> dict[str, Any]
     return out
 
 
+_CORR_CACHE: dict[tuple[int, int, str], dict[str, Any]] = {}
+
+
 def _correlations(df: pd.DataFrame, rt: pd.DataFrame, settings: Settings) -> dict[str, Any]:
+    """See :func:`_correlations_uncached`; the figure reuses the summary's numbers."""
+    key = (id(df), len(df), repr(sorted(settings.options.items())))
+    if key not in _CORR_CACHE:
+        _CORR_CACHE.clear()
+        _CORR_CACHE[key] = _correlations_uncached(df, rt, settings)
+    return _CORR_CACHE[key]
+
+
+def _correlations_uncached(df: pd.DataFrame, rt: pd.DataFrame, settings: Settings
+                           ) -> dict[str, Any]:
     o = settings.options
     pts = layer_points(df, settings)
     out: dict[str, Any] = {"points": "(SGD run at the main lr, layer fc2..out, phase): medians",
