@@ -361,8 +361,9 @@ class BiasShiftMechanism(Analysis):
         return arms, ng
 
     def run_specs(self, settings: Settings) -> list[RunSpec]:
-        """Seed-major: for every seed the SGD arms at ``--lr``, then the natural-gradient arm
-        (UNG at ``ung_lr`` and SGD at ``ng_sgd_lr`` unless that is one of ``--lr``)."""
+        """The SGD arms at ``--lr`` seed by seed, then the natural-gradient arm seed by seed
+        (UNG at ``ung_lr`` and SGD at ``ng_sgd_lr`` unless that is one of ``--lr``), so that an
+        interrupted analysis has its main arms complete for the first seeds."""
         o = settings.options
         arms, ng = self._arms(settings)
         common = {k: o[k] for k in (*_TRACKER_OPTIONS, *_LOSS_OPTIONS)}
@@ -378,11 +379,12 @@ class BiasShiftMechanism(Analysis):
                 jobs.append((arm, float(o["ng_sgd_lr"]), ung_epochs, ng_seeds))
             jobs.append((Arm(arm.activation, optimizer="ung"), float(o["ung_lr"]), ung_epochs,
                          ng_seeds))
+        n_main = len(arms) * len(settings.lrs)
+        order = [(seed, job) for part in (jobs[:n_main], jobs[n_main:])
+                 for seed in range(settings.seeds) for job in part]
         specs = []
-        for seed in range(settings.seeds):
-            for arm, lr, epochs, n_seeds in jobs:
-                if seed >= n_seeds:
-                    continue
+        for seed, (arm, lr, epochs, n_seeds) in order:
+            if seed < n_seeds:
                 options = {"arm": arm.label, "bn": arm.bn, "ci": arm.ci, **common}
                 if arm.optimizer == "ung":
                     options.update({k: o[k] for k in _UNG_OPTIONS})
