@@ -231,6 +231,15 @@ def summarize(df: pd.DataFrame, settings: Settings) -> dict[str, Any]:
                             "falls below the threshold (log-log interpolated); censored runs "
                             "count with their last step (a lower bound)",
         "n_runs": len(rt), "n_diverged": int(rt["diverged"].sum()),
+        "measurement": {
+            "probe": "BiasShiftProbe via BiasShiftTracker", "fisher": o["fisher"],
+            "damping": o["damping"], "damping_mode": "relative (x each block's mean diagonal)",
+            "probe_size": o["track_probe"], "per_decade": o["per_decade"],
+            "epoch_ends": o.get("track_epoch_ends", True), "loss_curve_size": o["loss_size"],
+            "loss_curve_per_decade": o["loss_per_decade"], "dtype": "float32 (refined)"},
+        "learning_rates": {"sgd_arms": list(settings.lrs), "ng_arm_sgd": o["ng_sgd_lr"],
+                           "ng_arm_ung": o["ung_lr"],
+                           "sweep": "figures/bias-shift-mechanism-lr-sweep.json"},
     }
     levels = _levels(settings)
     cols = ([f"steps_to_{t:g}" for t in levels] + [f"loss_at_{s}" for s in o["loss_steps"]]
