@@ -432,8 +432,11 @@ def _ci_points(ax: Any, rt: pd.DataFrame, arms: list[str], lr: float, xcol: str,
             continue
         xerr = [[max(xe - xl, 0)], [max(xh - xe, 0)]] if np.isfinite(xl) else None
         yerr = [[max(ye - yl, 0)], [max(yh - ye, 0)]] if np.isfinite(yl) else None
+        reached = f"reached_{ycol.removeprefix('steps_to_')}"
+        cens = int((~r[reached].astype(bool)).sum()) if reached in r else 0
         ax.errorbar([xe], [ye], xerr=xerr, yerr=yerr, fmt="o", ms=6, color=st["color"],
-                    capsize=3, label=arm)
+                    mfc="white" if cens else st["color"], capsize=3,
+                    label=arm + (f" ({cens}/{len(r)} censored: a lower bound)" if cens else ""))
 
 
 def _curves(ax: Any, df: pd.DataFrame, arms: list[tuple[str, float]]) -> None:
@@ -503,7 +506,7 @@ def plot(df: pd.DataFrame, settings: Settings) -> Figure:
         if xcol == "mean_scale_q_damped":
             ax.set_xscale("log")
         if ax.has_data():
-            ax.legend(fontsize="small", title="arm (mean, 95% CI)")
+            ax.legend(fontsize="small", title="arm (mean, 95% CI over seeds)")
     axes[0, 0].set_title("a  dose-response: shifted ELU f(x) = ELU(x) + c", loc="left")
     axes[0, 1].set_title("b  dose-response vs the bias-correction turn", loc="left")
 
