@@ -33,7 +33,8 @@ from biasshift.train import Plugin, Trainer
 def test_registry_holds_the_three_analyses_with_the_papers_presets() -> None:
     assert list(ANALYSES)[:4] == ["activation-median", "median-variance", "autoencoder",
                                   "natural-gradient-gap"]
-    assert "conv-activations" in ANALYSES  # issue 15 (later analyses follow the first four)
+    # later analyses follow the first four: issue 15's and issue 11's
+    assert {"conv-activations", "bias-shift-mechanism"} <= set(ANALYSES)
     am = ANALYSES["activation-median"].presets["paper"]
     assert (am.dataset, am.epochs, am.seeds, am.lrs, am.batch_size, am.probe_size) == (
         "mnist", 300, 5, (0.01,), 64, 10_000)

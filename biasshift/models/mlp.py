@@ -42,12 +42,17 @@ def mlp(
     *,
     flatten: bool = True,
     init: bool = True,
+    batch_norm: bool = False,
     **act_kwargs: float,
 ) -> nn.Sequential:
     """A fully connected network ``in -> hidden[0] -> ... -> hidden[-1] -> out``.
 
     Modules are named ``flatten``, ``fc1``, ``act1``, ..., ``fcL``, ``actL``, ``out``; the output
-    layer has no activation (logits).
+    layer has no activation (logits).  ``batch_norm=True`` puts an ``nn.BatchNorm1d`` (``bn1``,
+    ...; learned scale and shift, torch's defaults) after every hidden linear layer and before
+    its activation, ``fc -> bn -> act``, the placement of Ioffe & Szegedy (2015) that the
+    paper's batch-normalised networks (Fig. 5) use.  The linear layers keep their bias (made
+    redundant by the normalisation's shift, but it is the bias whose shift is measured).
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if flatten:
@@ -55,6 +60,8 @@ def mlp(
     width = in_features
     for i, h in enumerate(hidden, start=1):
         layers[f"fc{i}"] = nn.Linear(width, h)
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm1d(h)
         layers[f"act{i}"] = make_activation(activation, **act_kwargs)
         width = h
     layers["out"] = nn.Linear(width, out_features)
@@ -64,10 +71,12 @@ def mlp(
 
 def paper_mlp(
     activation: str = "elu", depth: int = 8, width: int = 128, in_features: int = 784,
-    num_classes: int = 10, **act_kwargs: float,
+    num_classes: int = 10, *, batch_norm: bool = False, **act_kwargs: float,
 ) -> nn.Sequential:
-    """The Fig. 2 classifier (``depth=8, width=128``); the appendix uses ``depth=5, width=256``."""
-    return mlp(in_features, [width] * depth, num_classes, activation, **act_kwargs)
+    """The Fig. 2 classifier (``depth=8, width=128``); the appendix uses ``depth=5, width=256``.
+    ``batch_norm``: see :func:`mlp`."""
+    return mlp(in_features, [width] * depth, num_classes, activation, batch_norm=batch_norm,
+               **act_kwargs)
 
 
 def autoencoder(

@@ -219,6 +219,14 @@ class Analysis:
     batch_runs: int | str = 1
 
     # --------------------------------------------------------------- settings and runs
+    def preset_name(self, quick: bool, device_type: str) -> str:
+        """Which of :attr:`presets` a command uses: ``"quick"`` with ``--quick``, else
+        ``"paper"``; an analysis with a ``"cuda"`` preset (more seeds for a GPU) uses it for a
+        non-quick command on ``--device cuda``."""
+        if quick:
+            return "quick"
+        return "cuda" if device_type == "cuda" and "cuda" in self.presets else "paper"
+
     def validate(self, settings: Settings) -> None:
         """Raise :class:`UsageError` for settings the analysis cannot use."""
         if settings.epochs < self.min_epochs:

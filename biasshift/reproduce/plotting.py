@@ -180,7 +180,7 @@ def save_figure(fig: Figure, stem: str | os.PathLike[str],
 
 #: Columns of the tidy result tables read as text (a layer "1" stays "1", "NA" stays "NA").
 _TEXT_COLUMNS = ("analysis", "run", "dataset", "activation", "layer", "quantity", "stat",
-                 "optimizer")
+                 "optimizer", "arm")
 
 
 def read_result_csv(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from biasshift.reproduce.base import ANALYSES, Analysis, UsageError, register
 __all__ = ["ANALYSES", "get_analysis", "register"]
 
 _MODULES = ("activation_median", "median_variance", "autoencoder", "natural_gradient_gap",
-            "conv_activations")
+            "conv_activations", "bias_shift_mechanism")
 
 
 def get_analysis(name: str) -> Analysis:

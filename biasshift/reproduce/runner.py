@@ -72,7 +72,7 @@ import pandas as pd
 import torch
 
 from biasshift._names import unknown_name_error
-from biasshift.activations import activation_names
+from biasshift.activations import activation_names, is_activation_name
 from biasshift.data import load_dataset
 from biasshift.data.base import ArrayDataset
 from biasshift.io import (
@@ -267,9 +267,11 @@ def resolve_settings(
     (``Analysis.batch_runs``).
     """
     analysis = get_analysis(name)
-    preset_name = "quick" if quick else "paper"
-    if not quick and "cuda" in analysis.presets and str(device).strip().lower().startswith("cuda"):
-        preset_name = "cuda"  # the analysis's full-scale GPU protocol
+    try:
+        device_type = torch.device(str(device).strip().lower()).type
+    except RuntimeError:
+        device_type = "cpu"  # the bad device is reported below
+    preset_name = analysis.preset_name(quick, device_type)
     preset = analysis.presets[preset_name]
 
     ds = (dataset or preset.dataset).strip().lower()
@@ -278,7 +280,7 @@ def resolve_settings(
     acts = [a.strip().lower() for a in (activations or preset.activations)]
     known = activation_names()
     for a in acts:
-        if a not in known:
+        if not is_activation_name(a):  # the paper's four, or a control (elu+c, crelu)
             raise UsageError(unknown_name_error("activation", a, known).args[0])
     lr_values = []
     for lr in (lrs or preset.lrs):
