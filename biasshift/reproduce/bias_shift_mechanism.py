@@ -119,6 +119,7 @@ from biasshift.reproduce.base import (
     UsageError,
     register,
 )
+from biasshift.reproduce.natural_gradient_gap import ung_factory
 from biasshift.theory import SingularFisherError
 from biasshift.train.loss_curve import LossCurve
 from biasshift.train.plugins import Plugin
@@ -422,18 +423,7 @@ class BiasShiftMechanism(Analysis):
         ]
 
     def optimizer(self, spec: RunSpec) -> OptimizerFactory | None:
-        if spec.optimizer == "sgd":
-            return None
-        from biasshift.optim import UnitNaturalGradient
-
-        o = spec.options
-        lr, damping, ema = spec.lr, float(o["ung_damping"]), float(o["ung_ema"])
-        every, update = int(o["ung_inverse_every"]), int(o["ung_update_every"])
-        kl = o["ung_kl_clip"]
-        kl_clip = None if kl in (None, "none", "None") else float(kl)
-        return lambda model: UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema,
-                                                 inverse_every=every, update_every=update,
-                                                 kl_clip=kl_clip)
+        return ung_factory(spec)
 
     def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
                   trainer: Trainer | None) -> pd.DataFrame:

@@ -147,6 +147,25 @@ _PAPER_OPTIONS: dict[str, Any] = {
 _QUICK_OPTIONS = {**_PAPER_OPTIONS, "track_probe": 256, "per_decade": 4, "track_ung": False}
 
 
+def ung_factory(spec: RunSpec) -> OptimizerFactory | None:
+    """``None`` (plain SGD) for ``spec.optimizer == "sgd"``, else a factory of the run's
+    :class:`~biasshift.optim.UnitNaturalGradient` from its ``ung_*`` options (``lr`` the run's;
+    ``ung_kl_clip`` ``none`` switches the clip off).  Shared by the analyses with a
+    natural-gradient arm."""
+    if spec.optimizer == "sgd":
+        return None
+    from biasshift.optim import UnitNaturalGradient
+
+    o = spec.options
+    lr, damping, ema = spec.lr, float(o["ung_damping"]), float(o["ung_ema"])
+    every, update = int(o["ung_inverse_every"]), int(o["ung_update_every"])
+    kl = o["ung_kl_clip"]
+    kl_clip = None if kl in (None, "none", "None") else float(kl)
+    return lambda model: UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema,
+                                             inverse_every=every, update_every=update,
+                                             kl_clip=kl_clip)
+
+
 class NaturalGradientGap(Analysis):
     name = "natural-gradient-gap"
     figure = "Section 2 (Theorems 1-2), measured"
@@ -223,18 +242,7 @@ class NaturalGradientGap(Analysis):
             damping=float(o["damping"]), fisher=str(o["fisher"]), seed=spec.seed)]
 
     def optimizer(self, spec: RunSpec) -> OptimizerFactory | None:
-        if spec.optimizer == "sgd":
-            return None
-        from biasshift.optim import UnitNaturalGradient
-
-        o = spec.options
-        lr, damping, ema = spec.lr, float(o["ung_damping"]), float(o["ung_ema"])
-        every, update = int(o["ung_inverse_every"]), int(o["ung_update_every"])
-        kl = o["ung_kl_clip"]
-        kl_clip = None if kl in (None, "none", "None") else float(kl)
-        return lambda model: UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema,
-                                                 inverse_every=every, update_every=update,
-                                                 kl_clip=kl_clip)
+        return ung_factory(spec)
 
     def run_frame(self, spec: RunSpec, frame: pd.DataFrame, run_dir: Path,
                   trainer: Trainer | None) -> pd.DataFrame:

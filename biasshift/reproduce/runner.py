@@ -61,7 +61,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -945,53 +945,8 @@ def _run_kwargs(settings: Settings) -> dict[str, Any]:
 
 def _execute(analysis: Analysis, specs: list[RunSpec], settings: Settings,
              dataset: ArrayDataset, bar: _Bar) -> list[RunOutcome]:
-    kwargs = _run_kwargs(settings)
     units = plan_stacks(analysis, specs, settings, dataset)
-    if any(len(u) > 1 for u in units):
-        return _execute_units(units, specs, settings, kwargs, dataset, bar)
-    if settings.jobs == 1 or len(specs) == 1:
-        return [run_one(s, dataset=dataset, progress=bar, **kwargs) for s in specs]
-
-    ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
-    results: dict[int, RunOutcome] = {}
-
-    def drain() -> None:
-        while True:
-            try:
-                run, epochs = progress_queue.get_nowait()
-            except queue_mod.Empty:
-                return
-            bar(run, epochs)
-
-    ex = ProcessPoolExecutor(max_workers=min(settings.jobs, len(specs)), mp_context=ctx,
-                             initializer=_init_worker,
-                             initargs=(progress_queue, settings.threads, os.getpid()))
-    try:
-        futures: dict[Future[RunOutcome], int] = {
-            ex.submit(_worker_run, s, kwargs): i for i, s in enumerate(specs)
-        }
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            drain()
-            for f in done:
-                results[futures[f]] = f.result()
-        drain()
-    except BrokenProcessPool as err:
-        _stop_workers(ex)
-        raise WorkerDiedError(
-            "a worker process of --jobs died (out of memory? killed?); finished epochs are "
-            "checkpointed, rerun with --resume. From a script, call run_analysis with "
-            "jobs > 1 under `if __name__ == '__main__':` (spawned workers import the main "
-            "module)"
-        ) from err
-    except BaseException:
-        _stop_workers(ex)
-        raise
-    ex.shutdown(wait=True)
-    progress_queue.close()
-    return [results[i] for i in range(len(specs))]
+    return _execute_units(units, specs, settings, _run_kwargs(settings), dataset, bar)
 
 
 def _run_specs(analysis: Analysis, settings: Settings) -> list[RunSpec]:
@@ -1080,7 +1035,9 @@ def _execute_units(units: list[list[RunSpec]], specs: list[RunSpec], settings: S
         _stop_workers(ex)
         raise WorkerDiedError(
             "a worker process of --jobs died (out of memory? killed?); finished epochs are "
-            "checkpointed, rerun with --resume"
+            "checkpointed, rerun with --resume. From a script, call run_analysis with "
+            "jobs > 1 under `if __name__ == '__main__':` (spawned workers import the main "
+            "module)"
         ) from err
     except BaseException:
         _stop_workers(ex)
