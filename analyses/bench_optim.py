@@ -18,7 +18,10 @@ the median step time (a typical step: no Fisher update, no refresh) and the mean
 steps (updates and refreshes amortised), each as a ratio to SGD's.  Then a breakdown of the
 default optimiser's work: one EMA update of every layer, one refresh of every layer's factors,
 one application of the factors to every layer's gradient; the bytes the factors stream per step;
-and the size of a checkpoint of the optimiser's state.
+and the size of a checkpoint of the optimiser's state.  Last, the *hardware floor* of the
+default step on this machine (:func:`hardware_floor`): the factors read once at the measured
+read bandwidth, the EMA's Grams and the refresh's Cholesky factorisations at ``torch.matmul``'s
+rate, amortised over the default schedule, as ratios to the same SGD step.
 
     python analyses/bench_optim.py                  # CPU, 1 thread (a few minutes)
     python analyses/bench_optim.py --quick          # fewer steps
@@ -60,6 +63,53 @@ def build(kw: dict | None, device: torch.device, lr: float):
     if kw is None:
         return model, torch.optim.SGD(model.parameters(), lr=lr)
     return model, UnitNaturalGradient(model, lr=lr, **kw)
+
+
+def _best_of(fn, reps: int, device: torch.device) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def hardware_floor(opt: UnitNaturalGradient, device: torch.device, batch: int, streamed: int,
+                   sgd_step_s: float, hp: dict) -> dict:
+    r"""What the default step cannot go below on this machine, measured in this process.
+
+    * Applying the factors must read them once per step: ``streamed`` bytes (the Cholesky
+      factors' lower triangles) at the machine's read bandwidth, measured as the time of
+      ``sum()`` over a contiguous float32 tensor of that size (best of 5; an optimistic bound,
+      since a triangular solve also has a dependency chain that a sum does not have).
+    * The EMA update is at least the δ²-weighted Grams of the batch, lower triangles only:
+      ``units · m(m+1)/2 · batch · 2`` flops per layer (``m`` = inputs + 1); the refresh at least
+      one Cholesky per unit, ``units · m³/3`` flops; both at ``torch.matmul``'s float32 rate on
+      1024² (the best a GEMM-bound kernel can do here).
+    * Amortised with the default schedule: an update every ``update_every`` steps, a refresh at
+      most every ``inverse_every`` steps.
+    """
+    shapes = [tuple(layer.factors.factor.shape) for layer in opt._layers
+              if layer.factors is not None]
+    big = torch.ones(max(1, streamed // 4), device=device)
+    t_read = _best_of(lambda: big.sum(), 5, device)
+    a = torch.randn(1024, 1024, device=device)
+    t_mm = _best_of(lambda: a @ a, 5, device)
+    del big
+    rate = 2 * 1024**3 / t_mm
+    gram_flops = sum(u * m * (m + 1) / 2 * batch * 2 for u, m, _ in shapes)
+    chol_flops = sum(u * m**3 / 3 for u, m, _ in shapes)
+    apply_s, update_s, refresh_s = t_read, gram_flops / rate, chol_flops / rate
+    typical = sgd_step_s + apply_s
+    amortised = typical + update_s / hp["update_every"] + refresh_s / hp["inverse_every"]
+    return dict(read_GB_per_s=streamed / t_read / 1e9, matmul_GFLOP_per_s=rate / 1e9,
+                apply_floor_s=apply_s, update_floor_s=update_s, refresh_floor_s=refresh_s,
+                gram_flops=gram_flops, cholesky_flops=chol_flops, sgd_step_s=sgd_step_s,
+                median_floor_ratio=typical / sgd_step_s,
+                mean_floor_ratio=amortised / sgd_step_s)
 
 
 def main() -> None:
@@ -158,18 +208,27 @@ def main() -> None:
     torch.save(opt.state_dict(), buf)
     breakdown = dict(update_s=t_update, refresh_s=t_refresh, apply_s=t_apply,
                      factor_bytes_streamed_per_step=streamed, checkpoint_bytes=buf.tell())
+    floor = hardware_floor(opt, device, args.batch, streamed, base_med, hp)
     print(f"default step breakdown: EMA update of all layers {t_update * 1e3:.1f} ms (every "
           f"{hp['update_every']} steps after the warm-up), refresh of all factors "
           f"{t_refresh * 1e3:.1f} ms (at most every {hp['inverse_every']} steps), factors "
           f"applied {t_apply * 1e3:.1f} ms (every step; streams {streamed / 1e6:.0f} MB of "
           f"factors); SGD step (fwd+bwd+step) {base_med * 1e3:.2f} ms")
     print(f"optimizer checkpoint: {buf.tell() / 2**20:.0f} MiB")
+    print(f"hardware floor of the default step (same process): read bandwidth "
+          f"{floor['read_GB_per_s']:.1f} GB/s, float32 matmul {floor['matmul_GFLOP_per_s']:.0f} "
+          f"GFLOP/s -> factors applied >= {floor['apply_floor_s'] * 1e3:.1f} ms per step, EMA "
+          f"update >= {floor['update_floor_s'] * 1e3:.1f} ms, refresh >= "
+          f"{floor['refresh_floor_s'] * 1e3:.1f} ms; a typical step >= "
+          f"{floor['median_floor_ratio']:.1f}x SGD, amortised >= "
+          f"{floor['mean_floor_ratio']:.1f}x SGD")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(
             device=str(device), threads=torch.get_num_threads(), batch=args.batch,
             rounds=args.rounds, steps=args.steps, warmup=args.warmup, lr=args.lr,
-            results=results, breakdown=breakdown, torch=torch.__version__,
+            results=results, breakdown=breakdown, hardware_floor=floor,
+            torch=torch.__version__,
         ), indent=2))
         print(f"wrote {args.out}")
 
