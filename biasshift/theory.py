@@ -87,6 +87,8 @@ __all__ = [
     "bias_shift_natural",
     "bias_shift_uncorrected",
     "block_inverse",
+    "cho_solve",
+    "cholesky_ex",
     "cholesky_solver",
     "condition_number",
     "fisher_blocks",
@@ -386,6 +388,49 @@ def _check_damping(damping: float) -> None:
         raise ValueError(f"damping must be a finite float >= 0 (F + damping*I), got {damping!r}")
 
 
+#: bytes of blocks per ``cholesky_ex`` call on the CPU (see :func:`cholesky_ex`)
+CHOLESKY_CHUNK_BYTES = 2**20
+
+
+def cholesky_ex(A: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``torch.linalg.cholesky_ex(A)`` for a batch ``A (..., n, n)`` (lower factor, ``info``),
+    with the same values bit for bit, faster on the CPU.
+
+    On the CPU ``cholesky_ex`` copies the lower triangle of every block into a column-major
+    output before LAPACK's ``potrf`` runs on it; for a large batch that copy streams the whole
+    batch through memory and can cost as much as the factorisation.  Here the batch is factored
+    in chunks of at most :data:`CHOLESKY_CHUNK_BYTES` into one preallocated column-major
+    output, so that each chunk's copy stays in cache (1.2-1.9x faster for 128 blocks of
+    129²-512² in float32).  Other devices take the one batched call.
+    """
+    if A.device.type != "cpu" or A.ndim < 3:
+        return torch.linalg.cholesky_ex(A)
+    n = A.shape[-1]
+    flat = A.reshape(-1, n, n)
+    B = flat.shape[0]
+    step = max(1, CHOLESKY_CHUNK_BYTES // max(1, n * n * A.element_size()))
+    if step >= B:
+        return torch.linalg.cholesky_ex(A)
+    L = flat.new_empty(B, n, n).mT  # column-major blocks, LAPACK's layout (as torch's)
+    info = torch.empty(B, dtype=torch.int32, device=A.device)
+    for s in range(0, B, step):
+        torch.linalg.cholesky_ex(flat[s:s + step], out=(L[s:s + step], info[s:s + step]))
+    return L.reshape(A.shape), info.reshape(A.shape[:-2])
+
+
+def cho_solve(rhs: Tensor, L: Tensor) -> Tensor:
+    r"""``A⁻¹ rhs`` from the lower Cholesky factor ``L`` of ``A`` (``A = LLᵀ``), batched:
+    ``rhs (..., n, r)``, ``L (..., n, n)``; only ``L``'s lower triangle is read.
+
+    The same two triangular solves as :func:`torch.cholesky_solve` (``Ly = rhs``, then
+    ``Lᵀx = y``; on the CPU the results are bit-identical), as two
+    :func:`torch.linalg.solve_triangular` calls: on the CPU ``torch.cholesky_solve`` is 3-5x
+    slower for batches of blocks (measured on (128, 129..786)² blocks with 2 right-hand sides).
+    """
+    y = torch.linalg.solve_triangular(L, rhs, upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)
+
+
 class _Solver:
     """Applies ``(A + λI)⁻¹`` to ``(units, n, r)`` right-hand sides; ``bad`` flags singular
     units."""
@@ -398,7 +443,7 @@ class _Solver:
 
 class _Cholesky(_Solver):
     def __init__(self, A: Tensor) -> None:
-        L, info = torch.linalg.cholesky_ex(A)
+        L, info = cholesky_ex(A)
         n = A.shape[-1]
         tol = n * torch.finfo(A.dtype).eps
         piv = L.diagonal(dim1=-2, dim2=-1).square()
@@ -408,7 +453,7 @@ class _Cholesky(_Solver):
         self.L = L
 
     def __call__(self, rhs: Tensor) -> Tensor:
-        return torch.cholesky_solve(rhs, self.L)
+        return cho_solve(rhs, self.L)
 
 
 #: the public name of the solver interface (``solver(rhs)`` gives ``A⁻¹ rhs``, ``solver.bad``)
@@ -804,7 +849,7 @@ class NaturalGradientFactors:
 
     so that :func:`apply_natural_gradient` gives ``Δw₀ = s (g₀ − (A⁻¹b)ᵀg)``,
     ``Δw = A⁻¹g − Δw₀ A⁻¹b`` with one batched vector-matrix product (``"inverse"``) or one
-    batched ``cholesky_solve`` (``"cholesky"``) per call.  For blocks without a bias unit
+    batched Cholesky solve (:func:`cho_solve`, ``"cholesky"``) per call.  For blocks without a bias unit
     (``A_inv_b`` and ``s`` are ``None``) the direction is ``(A + λI)⁻¹ g``.
 
     Attributes:
@@ -833,7 +878,7 @@ class NaturalGradientFactors:
         """``A⁻¹ rhs`` for ``rhs (units, n, r)``."""
         if self.form == "inverse":  # (rhsᵀ A⁻¹)ᵀ: A⁻¹ is symmetric and read by rows
             return torch.bmm(rhs.mT, self.factor).mT
-        return torch.cholesky_solve(rhs, self.factor)
+        return cho_solve(rhs, self.factor)
 
 
 def natural_gradient_factors(F: Tensor, damping: float = 0.0, *, bias: bool = True,
@@ -849,7 +894,7 @@ def natural_gradient_factors(F: Tensor, damping: float = 0.0, *, bias: bool = Tr
         bias: whether index 0 is a bias unit.
         form: ``"inverse"`` keeps ``A⁻¹`` (from ``cholesky_inverse``; each application is one
             batched vector-matrix product, the fast path on CPUs and GPUs alike) or
-            ``"cholesky"`` keeps the factor (each application is a batched ``cholesky_solve``,
+            ``"cholesky"`` keeps the factor (each application is a batched :func:`cho_solve`,
             two triangular solves; cheaper to refresh).
         check: raise :class:`SingularFisherError` when a block is singular (one host
             synchronisation); with ``False`` the caller inspects ``bad`` itself (the factors of
@@ -885,7 +930,7 @@ def natural_gradient_factors(F: Tensor, damping: float = 0.0, *, bias: bool = Tr
         if form == "inverse":  # bᵀA⁻¹ = (A⁻¹b)ᵀ: a vector-matrix product reads A⁻¹ by rows
             A_inv_b = torch.bmm(b.unsqueeze(1), factor).squeeze(1)
         else:
-            A_inv_b = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+            A_inv_b = cho_solve(b.unsqueeze(-1), L).squeeze(-1)
         schur = c - _dot(b, A_inv_b)
         bad = bad | ~(schur > F.shape[-1] * torch.finfo(F.dtype).eps * c)
         s = 1.0 / schur

@@ -160,3 +160,45 @@ def test_bad_arguments() -> None:
     fac = theory.natural_gradient_factors(F)
     with pytest.raises(ValueError, match=r"grad must be \(units, n\+1\)"):
         theory.apply_natural_gradient(fac, torch.ones(2, 3, dtype=F64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(units=st.integers(1, 6), m=st.integers(1, 40), r=st.integers(1, 3),
+       seed=st.integers(0, 2**16), f32=st.booleans())
+def test_cho_solve_equals_cholesky_solve_and_dense(units: int, m: int, r: int, seed: int,
+                                                   f32: bool) -> None:
+    """``cho_solve`` (two triangular solves) against ``torch.cholesky_solve`` and a dense LU
+    solve; on the CPU it takes the same two triangular solves, so the results are identical."""
+    dtype = torch.float32 if f32 else F64
+    A = spd_blocks(units, m, 3 * m + 2, seed=seed, bias=False) + 1e-3 * torch.eye(m, dtype=F64)
+    g = torch.Generator().manual_seed(seed + 1)
+    rhs = torch.randn(units, m, r, generator=g, dtype=F64)
+    L = torch.linalg.cholesky(A.to(dtype))
+    # upper-triangle garbage must not be read (the factors of block_solve keep it arbitrary)
+    Lg = L + torch.ones_like(L).triu(1) * 7.0
+    x = theory.cho_solve(rhs.to(dtype), Lg)
+    assert torch.equal(x, torch.cholesky_solve(rhs.to(dtype), L))
+    ref = torch.linalg.solve(A, rhs)
+    tol = 1e-4 if f32 else 1e-10
+    assert rel_err(x.to(F64), ref) < tol * float(torch.linalg.cond(A).max())
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (40, 129), (6, 512), (2, 3, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_chunked_cholesky_ex_is_bit_identical(shape: tuple[int, ...], dtype: torch.dtype,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``theory.cholesky_ex`` (chunks of the batch on the CPU) gives torch's factor and info bit
+    for bit, in torch's column-major layout, including the failed pivots of indefinite
+    blocks; a tiny chunk size forces many chunks."""
+    monkeypatch.setattr(theory, "CHOLESKY_CHUNK_BYTES", 4096)
+    *batch, m = shape
+    g = torch.Generator().manual_seed(m)
+    X = torch.randn(*batch, m, m + 3, generator=g, dtype=F64)
+    A = (X @ X.mT / m).to(dtype)
+    A.reshape(-1, m, m)[1, m // 2, m // 2] = -1.0  # one indefinite block
+    L, info = theory.cholesky_ex(A)
+    L0, info0 = torch.linalg.cholesky_ex(A)
+    assert torch.equal(info, info0) and int(info.reshape(-1)[1]) > 0
+    ok = info0 == 0
+    assert torch.equal(L[ok], L0[ok])
+    assert L.shape == L0.shape and L.stride() == L0.stride()

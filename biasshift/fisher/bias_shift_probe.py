@@ -136,7 +136,7 @@ from biasshift import distributed as _dist
 from biasshift.fisher.capture import LayerSelection, LayerSpec, delta_rows, incoming, resolve_layers
 from biasshift.fisher.likelihood import FISHER_KINDS, Likelihood, make_likelihood, score_vectors
 from biasshift.hooks import Trace, eval_mode
-from biasshift.theory import SingularFisherError
+from biasshift.theory import SingularFisherError, cho_solve, cholesky_ex
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,12 +180,12 @@ class _CholeskySolve:
     """``(A + λI)⁻¹ rhs`` from a Cholesky factor (parameter space)."""
 
     def __init__(self, A: Tensor) -> None:
-        self.L, info = torch.linalg.cholesky_ex(A)
+        self.L, info = cholesky_ex(A)
         # the results of flagged units are replaced by NaN by the caller
         self.bad = _bad_pivots(A, self.L, info)
 
     def __call__(self, rhs: Tensor) -> Tensor:
-        return torch.cholesky_solve(rhs, self.L)
+        return cho_solve(rhs, self.L)
 
 
 class _CenteredWoodbury:
@@ -204,7 +204,7 @@ class _CenteredWoodbury:
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
-        self.L, info = torch.linalg.cholesky_ex(C)
+        self.L, info = cholesky_ex(C)
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
@@ -214,7 +214,7 @@ class _CenteredWoodbury:
         # X @ rhs for every unit as one GEMM with the shared X: (P, n) @ (n, B·r)
         Xr = (self.X @ rhs.permute(1, 0, 2).reshape(n, B * r)).reshape(P, B, r).transpose(0, 1)
         T = (Xr - torch.matmul(self.Et.unsqueeze(1), rhs)) * d
-        Z = torch.cholesky_solve(T, self.L) * d  # (B, P, r)
+        Z = cho_solve(T, self.L) * d  # (B, P, r)
         XZ = (self.X.T @ Z.transpose(0, 1).reshape(P, B * r)).reshape(n, B, r).transpose(0, 1)
         back = XZ - self.Et.unsqueeze(-1) * Z.sum(1, keepdim=True)
         return (rhs - back) / self.lam[:, None, None]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from biasshift.theory import Solver
+from biasshift.theory import Solver, cho_solve, cholesky_ex
 
 __all__ = [
     "Source",
@@ -197,12 +197,12 @@ class WoodburySolver(Solver):
         C = torch.mul(K, d.unsqueeze(-1))  # one (B, P, P) allocation, scaled in place
         C.mul_(d.unsqueeze(-2))
         C.diagonal(dim1=-2, dim2=-1).add_(self.lam)
-        self.L, info = torch.linalg.cholesky_ex(C)
+        self.L, info = cholesky_ex(C)
         self.bad = info != 0
 
     def __call__(self, rhs: Tensor) -> Tensor:
         T = torch.matmul(self.X, rhs) * self.d.unsqueeze(-1)  # (B, P, r)
-        Z = torch.cholesky_solve(T, self.L)
+        Z = cho_solve(T, self.L)
         return (rhs - torch.matmul(self.X.T, Z * self.d.unsqueeze(-1))) / self.lam
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from biasshift.theory import cholesky_solver
+from biasshift.theory import cholesky_ex, cholesky_solver
 
 __all__ = ["FORMS", "BlockFactors", "pack_tril", "unpack_tril"]
 
@@ -90,7 +90,7 @@ class BlockFactors:
             chol = cholesky_solver(F)
             L, ok = chol.L, ~chol.bad & finite
         else:
-            L, info = torch.linalg.cholesky_ex(F)
+            L, info = cholesky_ex(F)
             ok = (info == 0) & finite & (L.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
         # one memory layout (LAPACK's column-major) whatever the backend returned, so that a
         # factor restored from a checkpoint is applied by exactly the same kernels
