@@ -98,7 +98,6 @@ def hardware_floor(opt: UnitNaturalGradient, device: torch.device, batch: int, s
     t_read = _best_of(lambda: big.sum(), 5, device)
     a = torch.randn(1024, 1024, device=device)
     t_mm = _best_of(lambda: a @ a, 5, device)
-    del big
     rate = 2 * 1024**3 / t_mm
     gram_flops = sum(u * m * (m + 1) / 2 * batch * 2 for u, m, _ in shapes)
     chol_flops = sum(u * m**3 / 3 for u, m, _ in shapes)

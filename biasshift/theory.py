@@ -849,8 +849,8 @@ class NaturalGradientFactors:
 
     so that :func:`apply_natural_gradient` gives ``Δw₀ = s (g₀ − (A⁻¹b)ᵀg)``,
     ``Δw = A⁻¹g − Δw₀ A⁻¹b`` with one batched vector-matrix product (``"inverse"``) or one
-    batched Cholesky solve (:func:`cho_solve`, ``"cholesky"``) per call.  For blocks without a bias unit
-    (``A_inv_b`` and ``s`` are ``None``) the direction is ``(A + λI)⁻¹ g``.
+    batched Cholesky solve (:func:`cho_solve`, ``"cholesky"``) per call.  For blocks without a
+    bias unit (``A_inv_b`` and ``s`` are ``None``) the direction is ``(A + λI)⁻¹ g``.
 
     Attributes:
         form: ``"inverse"`` (``factor`` is ``A⁻¹``) or ``"cholesky"`` (``factor`` is the lower
