@@ -286,3 +286,33 @@ def test_output_transform() -> None:
     uf = UnitFisher(model, output_transform=lambda out: out["logits"])
     uf.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
     assert uf.matrix("0.fc").shape == (2, 4, 4)
+
+
+def test_report_is_one_host_transfer_and_still_names_singular_units() -> None:
+    """``report()`` moves every value and the singular flags in one transfer (many chunks per
+    layer: a tiny memory budget), and a singular unit in a later chunk and layer is still
+    named; ``quantities(check=False)`` does not touch the host at all."""
+    from tests.test_bias_shift_probe import _HostCounter
+
+    model = net()
+    uf = UnitFisher(model, memory_budget=1)  # one unit per chunk
+    uf.accumulate(*batch(200))
+    uf.report(damping=1e-3, condition=False)  # the first read checks the statistics once
+    with _HostCounter() as count:
+        df = uf.report(damping=1e-3, condition=False)
+    assert count.calls == ["cpu"], count.calls
+    with _HostCounter() as count:
+        q = uf.quantities(damping=1e-3, condition=False, check=False)
+    assert count.calls == [], count.calls
+    assert all(not bool(v.bad.any()) for v in q.values())
+    assert len(df) == 3 + 4 + 3  # the units of layers 0, 3 and 5
+    with torch.no_grad():
+        model[5].weight[:, 1] = 0  # unit 1 of layer 3: δ ≡ 0, singular without damping
+    uf = UnitFisher(model, layers=["0", "3"], memory_budget=1)
+    uf.accumulate(*batch(400))
+    with pytest.raises(SingularFisherError, match=r"layer '3'.*\(unit 1\)"):
+        uf.report(condition=False)
+    with pytest.raises(SingularFisherError, match=r"layer '3'.*\(unit 1\)"):
+        uf.quantities(condition=False)
+    q = uf.quantities(condition=False, check=False)
+    assert q["3"].bad.tolist() == [False, True, False, False]

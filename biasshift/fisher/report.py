@@ -13,12 +13,17 @@ memory budget; per chunk one of two exact solvers applies ``(A + λI)⁻¹``:
 ``"auto"`` picks the cheaper by a flop estimate.  The condition number of the damped block is
 exact either way: ``eigvalsh`` of the block, or — in the Woodbury case, where ``F + λI`` has
 rank-deficient ``F`` — ``(λ + μ_max)/λ`` with ``μ_max`` the largest eigenvalue of the ``P × P``
-matrix ``diag(d) X Xᵀ diag(d)``.  One host synchronisation per chunk checks for singular blocks.
+matrix ``diag(d) X Xᵀ diag(d)``.  Singular blocks are flagged per unit on the device
+(:attr:`LayerResult.bad`); :func:`layer_quantities` checks the flags with one host
+synchronisation per layer, or none with ``check=False`` (then the caller checks them, e.g. in
+its one batched host transfer, and raises through :meth:`LayerResult.raise_singular`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,11 +45,33 @@ SOLVERS = ("auto", "cholesky", "woodbury")
 
 @dataclass
 class LayerResult:
-    """Per-unit results of one layer, tensors of shape ``(units,)`` unless stated."""
+    """Per-unit results of one layer, tensors of shape ``(units,)`` unless stated.
+
+    ``bad`` flags the units whose damped block is not numerically positive definite (their
+    values are meaningless); :meth:`raise_singular` raises the
+    :class:`~biasshift.theory.SingularFisherError` that names them (it rebuilds the blocks of
+    the first chunk with a flagged unit for the message).
+    """
 
     solver: str
     natural: Tensor  # (units, n1)
     quantities: dict[str, Tensor]
+    bad: Tensor  # (units,) bool
+    _blocks: Callable[[int, slice], Tensor] = field(repr=False)
+    _chunks: list[tuple[int, slice]] = field(repr=False)
+    _layer: str = ""
+    _damping: float = 0.0
+
+    def raise_singular(self, bad: Any = None) -> None:
+        """Raise for the flagged units (``bad``: the flags on the host, if already there)."""
+        flags = self.bad if bad is None else torch.as_tensor(bad, dtype=torch.bool)
+        flags = flags.to("cpu")
+        for j, sl in self._chunks:
+            chunk = flags[sl]
+            if bool(chunk.any()):
+                raise_singular(self._blocks(j, sl), chunk, self._damping, layer=self._layer,
+                               unit_offset=sl.start)
+        raise AssertionError("LayerResult.raise_singular: no unit is flagged")
 
 
 def choose_solver(store: LayerStore, damping: float, solver: str, condition: bool) -> str:
@@ -79,7 +106,7 @@ def _cat(parts: list[Tensor]) -> Tensor:
 
 def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, damping: float,
                      dtype: torch.dtype, budget: int, condition: bool = True,
-                     solver: str = "auto") -> LayerResult:
+                     solver: str = "auto", check: bool = True) -> LayerResult:
     """Natural gradient (and, given ``E_p_a``, Theorem 1/2 quantities) for all units of a layer.
 
     Args:
@@ -91,6 +118,9 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
         budget: bytes per chunk.
         condition: also compute ``cond(F + λI)``.
         solver: ``"auto"``, ``"cholesky"`` or ``"woodbury"``.
+        check: raise :class:`~biasshift.theory.SingularFisherError` for a singular block (one
+            host synchronisation for the layer); ``False`` leaves it to the caller
+            (:attr:`LayerResult.bad`, :meth:`LayerResult.raise_singular`).
     """
     spec = store.spec
     which = choose_solver(store, damping, solver, condition)
@@ -100,6 +130,7 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
     per_unit = 3 * n1**2 if which == "cholesky" else 4 * P * P + 8 * P + 6 * n1
     chunks = store.unit_chunks(per_unit, budget // 2, item)
     naturals: list[Tensor] = []
+    bads: list[Tensor] = []
     cols: dict[str, list[Tensor]] = {}
     shared: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
@@ -124,11 +155,6 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
                 chol = cholesky_solver(F)
                 q = None
                 nat, bad = chol(g.unsqueeze(-1)).squeeze(-1), chol.bad
-            if bool(bad.any()):
-                Fd = F
-                if spec.has_bias and damping:
-                    Fd = F + damping * torch.eye(n1, dtype=dtype, device=F.device)
-                raise_singular(Fd, bad, damping, layer=spec.name, unit_offset=sl.start)
             if condition:
                 Fd = F + damping * torch.eye(n1, dtype=dtype, device=F.device) \
                     if (spec.has_bias and damping) else F
@@ -153,15 +179,12 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
             else:
                 q = None
                 nat, bad = wood(g.unsqueeze(-1)).squeeze(-1), wood.bad
-            if bool(bad.any()):
-                F = store.blocks(j, sl, positions="pairs", dtype=dtype, budget=budget // 2)
-                F = F + damping * torch.eye(n1, dtype=dtype, device=F.device)
-                raise_singular(F, bad, damping, layer=spec.name, unit_offset=sl.start)
             if condition:
                 Kt = K + 1 if spec.has_bias else K
                 mu = torch.linalg.eigvalsh(d.unsqueeze(-1) * Kt * d.unsqueeze(-2))[:, -1]
                 keep("cond_F", (damping + mu) / damping)
         naturals.append(nat)
+        bads.append(bad)
         if q is not None:
             keep("s", q.s)
             keep("k", q.k)
@@ -174,5 +197,15 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
         else:
             cosine = (g * nat).sum(-1) / (g.norm(dim=-1) * nat.norm(dim=-1))
             keep("cos_grad_ng", cosine)
-    return LayerResult(solver=which, natural=_cat(naturals),
-                       quantities={k: _cat(v) for k, v in cols.items()})
+
+    def damped_blocks(j: int, sl: slice) -> Tensor:
+        F = store.blocks(j, sl, positions="pairs", dtype=dtype, budget=budget // 2)
+        return F + damping * torch.eye(n1, dtype=dtype, device=F.device) if damping else F
+
+    result = LayerResult(solver=which, natural=_cat(naturals),
+                         quantities={k: _cat(v) for k, v in cols.items()}, bad=_cat(bads),
+                         _blocks=damped_blocks, _chunks=list(chunks), _layer=spec.name,
+                         _damping=damping)
+    if check and bool(result.bad.any()):
+        result.raise_singular()
+    return result

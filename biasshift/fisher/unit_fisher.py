@@ -74,7 +74,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -98,7 +98,7 @@ from biasshift.fisher.likelihood import (
     make_likelihood,
     score_vectors,
 )
-from biasshift.fisher.report import SOLVERS, layer_quantities
+from biasshift.fisher.report import SOLVERS, LayerResult, layer_quantities
 from biasshift.fisher.storage import LayerStore
 from biasshift.fisher.tables import to_host, wide_frame
 
@@ -115,7 +115,9 @@ class NonFiniteError(FloatingPointError, ValueError):
 @dataclass(frozen=True)
 class LayerQuantities:
     """One layer's :meth:`UnitFisher.quantities`: ``tensors`` maps each quantity to a
-    ``(units,)`` tensor on the device; the rest are the layer's settings."""
+    ``(units,)`` tensor on the device; the rest are the layer's settings.  ``bad`` flags the
+    units with a singular damped block (``(units,)`` bool on the device; ``quantities()``
+    raises for them unless called with ``check=False``)."""
 
     layer: str
     units: int
@@ -124,6 +126,14 @@ class LayerQuantities:
     damping: float
     solver: str
     tensors: dict[str, Tensor]
+    bad: Tensor | None = None
+    _result: LayerResult | None = field(default=None, repr=False, compare=False)
+
+    def raise_singular(self, bad: Any = None) -> None:
+        """Raise :class:`~biasshift.theory.SingularFisherError` naming the flagged units
+        (``bad``: the flags on the host, if already there)."""
+        assert self._result is not None
+        self._result.raise_singular(bad)
 
 
 @dataclass(frozen=True)
@@ -723,9 +733,11 @@ class UnitFisher:
         solver: str = "auto",
         sync: bool | None = None,
         process_group: Any = None,
+        check: bool = True,
     ) -> dict[str, LayerQuantities]:
         r"""The paper's Theorem 1 and 2 quantities per layer, as tensors on the device (what
-        :meth:`report` tabulates; no host transfer except the singular-block checks).
+        :meth:`report` tabulates; one host synchronisation for the singular-block check of
+        all layers, none with ``check=False``).
 
         Conventions: ``grad`` is the gradient ``(g₀, g)`` of the loss being minimised (default:
         :meth:`gradient`, the mean NLL of the given targets); directions and bias shifts are
@@ -758,12 +770,15 @@ class UnitFisher:
             solver: ``"auto"``, ``"cholesky"`` or ``"woodbury"``.
             sync, process_group: under ``torch.distributed``, all ranks' samples (default) or
                 this rank's (``sync=False``); see the module docstring.
+            check: raise :class:`~biasshift.theory.SingularFisherError` for singular blocks
+                (one host synchronisation); ``False``: no host access, the flags are in each
+                layer's ``bad`` (and ``raise_singular()`` raises for them).
         """
         view = self._view(sync, process_group)
         if view is not self:
             return view.quantities(damping, gradients, memory_budget, dtype, layers=layers,
                                    activation_means=activation_means, condition=condition,
-                                   solver=solver)
+                                   solver=solver, check=check)
         damping = self._damping(damping)
         solver = self._solver(solver)
         budget = memory_budget or self.memory_budget
@@ -802,7 +817,7 @@ class UnitFisher:
             if activation_means is not None and n in activation_means:
                 E_p_a = self._means_for(spec, activation_means[n], dtype, st.device)
             res = layer_quantities(st, g, E_p_a, damping=damping, dtype=dtype, budget=budget,
-                                   condition=condition, solver=solver)
+                                   condition=condition, solver=solver, check=False)
             q = res.quantities
             cols: dict[str, Tensor] = {
                 "E_p_delta2": mom.E_p_delta2,
@@ -817,7 +832,15 @@ class UnitFisher:
                 cols["cond_F"] = q["cond_F"]
             out[n] = LayerQuantities(layer=n, units=spec.units, n_samples=st.n_samples,
                                      n_pairs=st.n_pairs, damping=damping, solver=res.solver,
-                                     tensors=cols)
+                                     tensors=cols, bad=res.bad, _result=res)
+        if check:
+            flags = torch.cat([q.bad for q in out.values()]).cpu()  # the one check
+            if bool(flags.any()):
+                start = 0
+                for q in out.values():
+                    if bool(flags[start:start + q.units].any()):
+                        q.raise_singular(flags[start:start + q.units])
+                    start += q.units
         return out
 
     def report(
@@ -834,15 +857,27 @@ class UnitFisher:
         sync: bool | None = None,
         process_group: Any = None,
     ) -> pd.DataFrame:
-        """One row per (layer, unit): :meth:`quantities` as a table (one batched host transfer,
-        :mod:`biasshift.fisher.tables`).  Columns ``layer, unit, n_samples, n_pairs, damping,
+        """One row per (layer, unit): :meth:`quantities` as a table (one batched host transfer
+        of every value and the singular-block flags, :mod:`biasshift.fisher.tables`; after the
+        first read of the accumulated statistics, which checks them for non-finite values
+        once).  Columns ``layer, unit, n_samples, n_pairs, damping,
         solver`` and the quantities (see :meth:`quantities`)."""
         res = self.quantities(damping, gradients, memory_budget, dtype, layers=layers,
                               activation_means=activation_means, condition=condition,
-                              solver=solver, sync=sync, process_group=process_group)
+                              solver=solver, sync=sync, process_group=process_group,
+                              check=False)
         parts = list(res.values())
         names = list(parts[0].tensors)
-        host = to_host({k: torch.cat([p.tensors[k] for p in parts]) for k in names})
+        columns = {k: torch.cat([p.tensors[k] for p in parts]) for k in names}
+        columns["_bad"] = torch.cat([p.bad for p in parts])  # type: ignore[misc]
+        host = to_host(columns)  # the one host transfer: values and singular flags together
+        flags = host.pop("_bad") != 0
+        if flags.any():
+            start = 0
+            for p in parts:
+                if flags[start:start + p.units].any():
+                    p.raise_singular(flags[start:start + p.units])
+                start += p.units
         meta = [{"layer": p.layer, "units": p.units, "n_samples": p.n_samples,
                  "n_pairs": p.n_pairs, "damping": p.damping, "solver": p.solver} for p in parts]
         return wide_frame(meta, host, ["layer", "unit", "n_samples", "n_pairs", "damping",
