@@ -202,3 +202,33 @@ def test_chunked_cholesky_ex_is_bit_identical(shape: tuple[int, ...], dtype: tor
     ok = info0 == 0
     assert torch.equal(L[ok], L0[ok])
     assert L.shape == L0.shape and L.stride() == L0.stride()
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (40, 129), (6, 512), (2, 3, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_lapack_cholesky_of_symmetric_blocks(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """``cholesky_ex(A, symmetric=True)`` (scipy's LAPACK on the CPU) against torch's: the same
+    factor to rounding, zeros above the diagonal, torch's column-major layout, the same
+    ``info`` for an indefinite block, and ``A`` left as it was."""
+    *batch, m = shape
+    g = torch.Generator().manual_seed(m)
+    X = torch.randn(*batch, m, m + 3, generator=g, dtype=F64)
+    A = (X @ X.mT / m).to(dtype)
+    A.reshape(-1, m, m)[1, m // 2, m // 2] = -1.0  # one indefinite block
+    before = A.clone()
+    L, info = theory.cholesky_ex(A, symmetric=True)
+    L0, info0 = torch.linalg.cholesky_ex(A)
+    assert torch.equal(A, before)
+    assert torch.equal(info, info0) and int(info.reshape(-1)[1]) > 0
+    ok = info0 == 0
+    # as accurate as torch's factor: both against the float64 factor of the same blocks
+    R = torch.linalg.cholesky(A[ok].to(F64))
+    err, err0 = (float((x[ok].to(F64) - R).abs().max()) for x in (L, L0))
+    assert err <= 4 * err0 + 100 * m * 2.3e-16 * float(R.abs().max()), (err, err0)
+    assert torch.equal(L.triu(1), torch.zeros_like(L))
+    assert L.shape == L0.shape and L.stride() == L0.stride()
+    # solves with it: the two-triangular-solve path reads the layout as torch's factor
+    rhs = torch.randn(*batch, m, 2, generator=g, dtype=F64).to(dtype)
+    x = theory.cho_solve(rhs[ok], L[ok])
+    ref = torch.linalg.solve(A[ok].to(F64), rhs[ok].to(F64))
+    assert rel_err(x.to(F64), ref) < (1e-2 if dtype == torch.float32 else 1e-8)

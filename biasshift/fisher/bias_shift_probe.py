@@ -180,7 +180,7 @@ class _CholeskySolve:
     """``(A + λI)⁻¹ rhs`` from a Cholesky factor (parameter space)."""
 
     def __init__(self, A: Tensor) -> None:
-        self.L, info = cholesky_ex(A)
+        self.L, info = cholesky_ex(A, symmetric=True)  # the blocks are built in full
         # the results of flagged units are replaced by NaN by the caller
         self.bad = _bad_pivots(A, self.L, info)
 
@@ -204,7 +204,7 @@ class _CenteredWoodbury:
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
-        self.L, info = cholesky_ex(C)
+        self.L, info = cholesky_ex(C, symmetric=True)
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
