@@ -394,7 +394,8 @@ def _check_damping(damping: float) -> None:
 CHOLESKY_CHUNK_BYTES = 2**20
 
 
-def cholesky_ex(A: Tensor, *, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+def cholesky_ex(A: Tensor, *, symmetric: bool = False,
+                overwrite: bool = False) -> tuple[Tensor, Tensor]:
     r"""``torch.linalg.cholesky_ex(A)`` for a batch ``A (..., n, n)``: the lower factor ``L``
     (column-major blocks, zeros above the diagonal, as torch's) and ``info`` (0, or the order
     of the first leading minor that is not positive definite), faster on the CPU.
@@ -412,7 +413,9 @@ def cholesky_ex(A: Tensor, *, symmetric: bool = False) -> tuple[Tensor, Tensor]:
       at most :data:`CHOLESKY_CHUNK_BYTES`, so that each chunk's copy stays in cache; bit for
       bit torch's result.
 
-    Other devices (and batches without blocks) take torch's one batched call.
+    With ``overwrite`` (and ``symmetric``) a contiguous ``A`` may be factored in its own
+    memory (``A`` then holds ``Lᵀ`` row by row, i.e. ``L`` column by column): no copy of the
+    batch.  Other devices (and batches without blocks) take torch's one batched call.
     """
     if A.device.type != "cpu" or A.ndim < 3 or A.numel() == 0:
         return torch.linalg.cholesky_ex(A)
@@ -420,7 +423,7 @@ def cholesky_ex(A: Tensor, *, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     flat = A.reshape(-1, n, n)
     B = flat.shape[0]
     if symmetric and A.dtype in (torch.float32, torch.float64) and not A.requires_grad:
-        out = _lapack_cholesky(flat)
+        out = _lapack_cholesky(flat, overwrite and A.is_contiguous())
         if out is not None:
             return out[0].reshape(A.shape), out[1].reshape(A.shape[:-2])
     step = max(1, CHOLESKY_CHUNK_BYTES // max(1, n * n * A.element_size()))
@@ -436,7 +439,7 @@ def cholesky_ex(A: Tensor, *, symmetric: bool = False) -> tuple[Tensor, Tensor]:
 _BLAS_CONTROLLER: Any = None
 
 
-def _lapack_cholesky(flat: Tensor) -> tuple[Tensor, Tensor] | None:
+def _lapack_cholesky(flat: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
     """Lower Cholesky factors of the symmetric CPU blocks ``flat (B, n, n)`` by scipy's LAPACK
     (column-major, zero upper triangles), or ``None`` when scipy/threadpoolctl are missing."""
     global _BLAS_CONTROLLER
@@ -448,7 +451,8 @@ def _lapack_cholesky(flat: Tensor) -> tuple[Tensor, Tensor] | None:
     if _BLAS_CONTROLLER is None:
         _BLAS_CONTROLLER = ThreadpoolController()
     potrf = lapack.spotrf if flat.dtype == torch.float32 else lapack.dpotrf
-    buf = flat.detach().clone(memory_format=torch.contiguous_format)
+    buf = flat.detach() if overwrite else flat.detach().clone(
+        memory_format=torch.contiguous_format)
     arr = np.from_dlpack(buf)  # the same memory (not a host transfer: the data are on the CPU)
     if not arr.flags.writeable:  # pragma: no cover - numpy < 1.25 exports read-only arrays
         return None

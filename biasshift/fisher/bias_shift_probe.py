@@ -168,21 +168,24 @@ def _cos(x: Tensor, y: Tensor) -> Tensor:
     return _dot(x, y) / (x.norm(dim=-1) * y.norm(dim=-1))
 
 
-def _bad_pivots(A: Tensor, L: Tensor, info: Tensor) -> Tensor:
+def _bad_pivots(diag: Tensor, L: Tensor, info: Tensor) -> Tensor:
     """Flags of :func:`biasshift.theory.cholesky_solver`: failed or near-zero (Jacobi-scaled)
-    pivots."""
-    tol = A.shape[-1] * torch.finfo(A.dtype).eps
-    scaled = L.diagonal(dim1=-2, dim2=-1).square() / A.diagonal(dim1=-2, dim2=-1)
+    pivots, from the blocks' diagonals ``diag (B, n)`` and factors ``L``."""
+    tol = diag.shape[-1] * torch.finfo(diag.dtype).eps
+    scaled = L.diagonal(dim1=-2, dim2=-1).square() / diag
     return (info != 0) | ~(scaled.amin(-1) > tol)
 
 
 class _CholeskySolve:
     """``(A + λI)⁻¹ rhs`` from a Cholesky factor (parameter space)."""
 
-    def __init__(self, A: Tensor) -> None:
-        self.L, info = cholesky_ex(A, symmetric=True)  # the blocks are built in full
+    def __init__(self, A: Tensor, overwrite: bool = False) -> None:
+        diag = A.diagonal(dim1=-2, dim2=-1).clone() if overwrite else \
+            A.diagonal(dim1=-2, dim2=-1)
+        # the blocks are built in full; with overwrite A's memory becomes the factor's
+        self.L, info = cholesky_ex(A, symmetric=True, overwrite=overwrite)
         # the results of flagged units are replaced by NaN by the caller
-        self.bad = _bad_pivots(A, self.L, info)
+        self.bad = _bad_pivots(diag, self.L, info)
 
     def __call__(self, rhs: Tensor) -> Tensor:
         return cho_solve(rhs, self.L)
@@ -204,7 +207,7 @@ class _CenteredWoodbury:
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
-        self.L, info = cholesky_ex(C, symmetric=True)
+        self.L, info = cholesky_ex(C, symmetric=True, overwrite=True)  # C is a temporary
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
@@ -872,7 +875,7 @@ class BiasShiftProbe:
             msq = torch.where(und.bad, nan0, cs * _dot(E, z0))
             k0 = torch.where(und.bad, nan0, 1 + cs * _dot(es, z0))
             Md = M0 + lam[s, None, None] * eye
-            sol = _CholeskySolve(Md)
+            sol = _CholeskySolve(Md, overwrite=not self.condition)  # cond_F needs Md
             res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad,
                                  self._apply_M(Xc, W[s], e, lam[s]))
             res["k_undamped"] = k0
