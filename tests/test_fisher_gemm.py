@@ -112,6 +112,63 @@ def test_grams_scale_out_and_accumulate(N, R, L, n1, U, scale, budget, seed) -> 
         torch.testing.assert_close(acc, base + ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fn", [pair_gram, true_gram])
+@pytest.mark.parametrize("L", [1, 2])
+def test_lower_grams_equal_the_full_grams_lower_triangle(fn, L, monkeypatch) -> None:
+    """``lower=True`` computes the block lower triangle only (column blocks: 5/8 of the flops
+    for n1 >= 384); it equals the full Gram there, also accumulated over chunks and sources
+    and into ``out``; above it the result is zero (no ``out``) or untouched (``out``)."""
+    import biasshift.fisher.blocks as blocks
+
+    orig = blocks.column_blocks
+    monkeypatch.setattr(blocks, "column_blocks", lambda n1, min_size=0: orig(n1, 8))
+    g = torch.Generator().manual_seed(L)
+    n1, U = 21, 3
+    X = torch.randn(6, 1, L, n1, generator=g, dtype=DT)
+    D = torch.randn(6, 2, L, U, generator=g, dtype=DT)
+    srcs = [Source(X, D), Source(X[:4], D[:4])]
+    full = fn(srcs, 0, slice(None), dtype=DT, budget=10**9, scale=0.5)
+    for budget in (1, 10**9):
+        low = fn(srcs, 0, slice(None), dtype=DT, budget=budget, scale=0.5, lower=True)
+        cols = orig(n1, 8)
+        assert len(cols) == 4
+        mask = torch.zeros(n1, n1, dtype=torch.bool)
+        for j0, j1 in cols:
+            mask[j0:, j0:j1] = True
+        assert mask[torch.ones(n1, n1).tril().bool()].all()  # covers the lower triangle
+        torch.testing.assert_close(low[:, mask], full[:, mask], rtol=1e-12, atol=1e-12)
+        assert torch.equal(low[:, ~mask], torch.zeros_like(low[:, ~mask]))
+        out = torch.full_like(full, 7.0)
+        fn(srcs, 0, slice(None), dtype=DT, budget=budget, scale=0.5, lower=True, out=out)
+        torch.testing.assert_close(out[:, mask], full[:, mask], rtol=1e-12, atol=1e-12)
+        assert bool((out[:, ~mask] == 7.0).all())
+
+
+def test_report_with_lower_grams_equals_full_path() -> None:
+    """``report()`` builds only the lower block triangle for its Cholesky solves (n1 >= 384
+    here); every quantity equals the one from the full blocks (``matrix()`` + theory)."""
+    from biasshift import theory
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(400, 4), nn.ELU(), nn.Linear(4, 3)).double()
+    x = torch.randn(500, 400, dtype=DT)
+    y = torch.randint(0, 3, (500,))
+    uf = UnitFisher(model, layers=["0"])
+    uf.accumulate(x, y)
+    rep = uf.report(damping=1e-3, solver="cholesky", condition=True)
+    F = uf.matrix("0", positions="pairs")
+    g = uf.gradient("0")
+    ref = theory.natural_gradient(F, g, 1e-3)
+    nat = uf.natural_gradient("0", damping=1e-3, solver="cholesky")
+    torch.testing.assert_close(nat, ref, rtol=1e-8, atol=1e-10)
+    eig = torch.linalg.eigvalsh(F + 1e-3 * torch.eye(F.shape[-1], dtype=DT))
+    torch.testing.assert_close(torch.as_tensor(rep["cond_F"].to_numpy().copy()),
+                               eig[:, -1] / eig[:, 0], rtol=1e-8, atol=0)
+    cos = (g * ref).sum(-1) / (g.norm(dim=-1) * ref.norm(dim=-1))
+    torch.testing.assert_close(torch.as_tensor(rep["cos_grad_ng"].to_numpy().copy()), cos,
+                               rtol=1e-8, atol=1e-12)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 50), where=st.integers(0, 49),
        value=st.sampled_from([0.0, 1e38, -3e38, math.inf, -math.inf, math.nan]),

@@ -142,7 +142,9 @@ def layer_quantities(store: LayerStore, grad: Tensor, E_p_a: Tensor | None, *, d
         g = grad[sl].to(dtype)
         ep = None if E_p_a is None else E_p_a[sl].to(dtype)
         if which == "cholesky":
-            F = store.blocks(j, sl, positions="pairs", dtype=dtype, budget=budget // 2)
+            # the Cholesky factorisation and eigvalsh read the lower triangle only
+            F = store.blocks(j, sl, positions="pairs", dtype=dtype, budget=budget // 2,
+                             lower=True)
             if spec.has_bias:
                 blk = split_fisher(F, damping)
                 chol = cholesky_solver(blk.A)

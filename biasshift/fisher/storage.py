@@ -200,12 +200,14 @@ class LayerStore:
 
     # ----------------------------------------------------------------------------- read
     def blocks(self, group: int, units: slice | Tensor, *, positions: str, dtype: torch.dtype,
-               budget: int, out: Tensor | None = None) -> Tensor:
+               budget: int, out: Tensor | None = None, lower: bool = False) -> Tensor:
         """Mean unit blocks for ``units`` (layer indices inside ``group``), ``(B, n1, n1)``.
 
         ``positions="pairs"``: ``Σ_pairs w ã ãᵀ / P``; ``"sum"``: ``Σ_i Σ_r g gᵀ / N``.  The
         ``1/P`` (``1/N``) is folded into the factors, and ``out`` (a preallocated ``(B, n1, n1)``
-        tensor of ``dtype``) receives the blocks directly.
+        tensor of ``dtype``) receives the blocks directly.  ``lower``: the block lower triangle
+        is all the caller reads (a Cholesky factorisation): built from the stored rows, only it
+        is computed (dense sums are returned in full).
         """
         if positions == "pairs" or not self.multi:
             denom = self.n_pairs if positions == "pairs" else self.n_samples
@@ -213,12 +215,12 @@ class LayerStore:
                 return self._scaled(self.dense_pair[units], 1.0 / denom, dtype, out)
             self.consolidate()
             return pair_gram(self.sources, group, units, dtype=dtype, budget=budget, out=out,
-                             scale=1.0 / denom)
+                             scale=1.0 / denom, lower=lower)
         if self.dense_true is not None:
             return self._scaled(self.dense_true[units], 1.0 / self.n_samples, dtype, out)
         self.consolidate()
         return true_gram(self.sources, group, units, dtype=dtype, budget=budget, out=out,
-                         scale=1.0 / self.n_samples)
+                         scale=1.0 / self.n_samples, lower=lower)
 
     @staticmethod
     def _scaled(dense: Tensor, scale: float, dtype: torch.dtype, out: Tensor | None) -> Tensor:

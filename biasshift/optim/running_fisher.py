@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from biasshift.fisher.blocks import chunk_units
+from biasshift.fisher.blocks import chunk_units, column_blocks
 from biasshift.fisher.capture import LayerSpec, delta_rows, incoming
 
 __all__ = ["REDUCTIONS", "RunningLayerFisher", "column_blocks", "graph_task_id", "stat_dtype"]
@@ -85,18 +85,6 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _remove(handles: list[Any]) -> None:
     for h in handles:
         h.remove()
-
-
-def column_blocks(n1: int, min_size: int = 384) -> list[tuple[int, int]]:
-    """Column blocks for updating only the block lower triangle of ``n1 × n1`` blocks.
-
-    Blocks of at least ``n1/4`` columns (none below ``min_size`` columns): with four blocks the
-    update costs 5/8 of the full ``BᵀB``.
-    """
-    if n1 < min_size:
-        return [(0, n1)]
-    width = -(-n1 // 4)
-    return [(j, min(n1, j + width)) for j in range(0, n1, width)]
 
 
 @dataclass
