@@ -1,10 +1,12 @@
 """The hook foundation: one context manager that owns module hooks, and ``eval_mode``.
 
 Every part of biasshift that looks inside a model — the activation monitor, the probe
-statistics, the unit Fisher's capture, :class:`~biasshift.BiasShiftProbe` — does so through
-:class:`Trace` (modelled on baukit's ``nethook.Trace``): it registers forward (and, if asked,
-forward-pre or full backward) hooks on selected modules on enter and removes every one of them
-on exit, also when the body raises.  :func:`eval_mode` switches a model to evaluation mode for a
+statistics, the unit Fisher's capture, :class:`~biasshift.BiasShiftProbe` and the optimizer's
+running Fisher (:class:`~biasshift.optim.running_fisher.RunningLayerFisher`, for as long as the
+optimizer lives) — does so through :class:`Trace` (modelled on baukit's ``nethook.Trace``): it
+registers forward (and, if asked, forward-pre or full backward) hooks on selected modules, and
+post-accumulate-grad hooks on selected parameters, on enter and removes every one of them on
+exit, also when the body raises.  :func:`eval_mode` switches a model to evaluation mode for a
 block and restores **every submodule's** own flag afterwards (a model may hold submodules that
 were in eval mode already).
 
@@ -23,6 +25,7 @@ from torch import nn
 __all__ = ["Trace", "eval_mode", "training_flags"]
 
 ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
+PostAccumulateHook = Callable[[str, torch.Tensor], None]
 ForwardPreHook = Callable[[str, nn.Module, tuple[Any, ...]], Any]
 BackwardHook = Callable[[str, nn.Module, tuple[Any, ...], tuple[Any, ...]], Any]
 
@@ -36,6 +39,10 @@ class Trace:
             the module's output (as with :meth:`torch.nn.Module.register_forward_hook`).
         forward_pre: ``forward_pre(name, module, inputs)``.
         backward: ``backward(name, module, grad_input, grad_output)`` (a full backward hook).
+        post_accumulate: ``post_accumulate(name, param)`` after a backward pass has accumulated
+            into ``param.grad``, for the parameters in ``params`` (``{name: parameter}``;
+            :meth:`torch.Tensor.register_post_accumulate_grad_hook`).
+        params: the parameters for ``post_accumulate``.
         always_call: register forward hooks with ``always_call=True`` (also run when the module
             raises).
 
@@ -48,12 +55,23 @@ class Trace:
 
     def __init__(self, modules: Mapping[str, nn.Module], *, forward: ForwardHook | None = None,
                  forward_pre: ForwardPreHook | None = None,
-                 backward: BackwardHook | None = None, always_call: bool = False) -> None:
+                 backward: BackwardHook | None = None,
+                 post_accumulate: PostAccumulateHook | None = None,
+                 params: Mapping[str, torch.Tensor] | None = None,
+                 always_call: bool = False) -> None:
         for name, module in modules.items():
             if not isinstance(module, nn.Module):
                 raise TypeError(f"Trace: {name!r} is a {type(module).__name__}, not an "
                                 "nn.Module")
+        if (post_accumulate is None) != (params is None):
+            raise ValueError("Trace: post_accumulate and params go together")
+        for name, p in (params or {}).items():
+            if not isinstance(p, torch.Tensor) or not p.requires_grad or not p.is_leaf:
+                raise TypeError(f"Trace: params[{name!r}] must be a leaf tensor that requires "
+                                "grad (a parameter)")
         self.modules = dict(modules)
+        self.params = dict(params or {})
+        self.post_accumulate = post_accumulate
         self.forward = forward
         self.forward_pre = forward_pre
         self.backward = backward
@@ -80,6 +98,10 @@ class Trace:
                 if self.backward is not None:
                     self._handles.append(module.register_full_backward_hook(
                         _bind_backward(self.backward, name)))
+            if self.post_accumulate is not None:
+                for name, p in self.params.items():
+                    self._handles.append(p.register_post_accumulate_grad_hook(
+                        _bind_post(self.post_accumulate, name)))
         except BaseException:
             self.remove()
             raise
@@ -115,6 +137,13 @@ def _bind_pre(fn: ForwardPreHook, name: str) -> Callable[..., Any]:
 def _bind_backward(fn: BackwardHook, name: str) -> Callable[..., Any]:
     def hook(module: nn.Module, grad_input: tuple[Any, ...], grad_output: tuple[Any, ...]) -> Any:
         return fn(name, module, grad_input, grad_output)
+
+    return hook
+
+
+def _bind_post(fn: PostAccumulateHook, name: str) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        fn(name, param)
 
     return hook
 

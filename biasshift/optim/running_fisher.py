@@ -1,6 +1,8 @@
 r"""The running (EMA) empirical unit Fisher of one layer, from the user's own training passes.
 
-:class:`RunningLayerFisher` owns two hooks on one ``nn.Linear``/``nn.Conv2d`` layer:
+:class:`RunningLayerFisher` owns two hooks on one ``nn.Linear``/``nn.Conv2d`` layer, through
+:class:`~biasshift.hooks.Trace` (the hook foundation of the monitor, the probe statistics and the
+unit Fisher):
 
 * a forward hook that, while recording is on, the module is training and gradients are enabled,
   registers a *pre-hook on the autograd node that produced the layer's output*.  That pre-hook
@@ -65,6 +67,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from biasshift.fisher.blocks import chunk_units, column_blocks
 from biasshift.fisher.capture import LayerSpec, delta_rows, incoming
+from biasshift.hooks import Trace
 
 __all__ = ["REDUCTIONS", "RunningLayerFisher", "column_blocks", "graph_task_id", "stat_dtype"]
 
@@ -80,11 +83,6 @@ def graph_task_id() -> int:
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the statistics for data of ``dtype``: float64 stays, all else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _remove(handles: list[Any]) -> None:
-    for h in handles:
-        h.remove()
 
 
 @dataclass
@@ -154,25 +152,26 @@ class RunningLayerFisher:
         assert isinstance(weight, Tensor)
         ref = weakref.ref(self)
 
-        def forward_hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        def forward_hook(_name: str, mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
             me = ref()
             if me is not None:
                 me._forward_hook(mod, inputs, out)
 
-        def commit(w: Tensor) -> None:
+        def commit(_name: str, w: Tensor) -> None:
             me = ref()
             if me is not None:
                 me._commit(w)
 
-        self._handles = [
-            module.register_forward_hook(forward_hook),
-            weight.register_post_accumulate_grad_hook(commit),
-        ]
-        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+        name = self.spec.name
+        trace = Trace({name: module}, forward=forward_hook, post_accumulate=commit,
+                      params={name: weight}).add()
+        self._handles = [trace]
+        self._finalizer = weakref.finalize(self, trace.remove)
 
     def detach(self) -> None:
         """Remove the hooks and drop every record not yet used."""
-        _remove(self._handles)
+        for trace in self._handles:
+            trace.remove()
         self._handles = []
         if self._finalizer is not None:
             self._finalizer.detach()
