@@ -851,15 +851,16 @@ class BiasShiftProbe:
         B = W.shape[0]
         chunk = max(1, min(B, self.memory_budget // max(1, 4 * n * n * Xc.element_size())))
         parts: dict[str, list[Tensor]] = {}
-        eye = torch.eye(n, dtype=Xc.dtype, device=Xc.device)
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
             e = Et[s]
             # M₀ = c·Var_q(a) = Σ_p W_p (a_p − E_q)(a_p − E_q)ᵀ from the centred rows
             M0 = _packed_gram(Xc, W[s], self.memory_budget)
-            M0 -= c[s, None, None] * e.unsqueeze(-1) * e.unsqueeze(-2)
+            M0.baddbmm_(e.unsqueeze(-1), (c[s].unsqueeze(-1) * e).unsqueeze(-2), alpha=-1)
+            Md = M0.clone()  # damped: M₀ + λI (one copy; the factorisations work in place)
+            Md.diagonal(dim1=-2, dim2=-1).add_(lam[s].unsqueeze(-1))
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
-            und = _CholeskySolve(M0)
+            und = _CholeskySolve(M0, overwrite=True)
             E = mu + e
             rhs0 = E.unsqueeze(-1)
             z0 = und(rhs0)
@@ -874,7 +875,6 @@ class BiasShiftProbe:
             nan0 = torch.full_like(cs, float("nan"))
             msq = torch.where(und.bad, nan0, cs * _dot(E, z0))
             k0 = torch.where(und.bad, nan0, 1 + cs * _dot(es, z0))
-            Md = M0 + lam[s, None, None] * eye
             sol = _CholeskySolve(Md, overwrite=not self.condition)  # cond_F needs Md
             res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad,
                                  self._apply_M(Xc, W[s], e, lam[s]))
