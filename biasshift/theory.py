@@ -73,6 +73,7 @@ from torch import Tensor
 
 __all__ = [
     "FACTOR_FORMS",
+    "TRIANGLES",
     "Cov_p",
     "E_q",
     "E_q_from_Cov",
@@ -394,38 +395,54 @@ def _check_damping(damping: float) -> None:
 CHOLESKY_CHUNK_BYTES = 2**20
 
 
-def cholesky_ex(A: Tensor, *, symmetric: bool = False,
+#: which triangle of the blocks :func:`cholesky_ex` may read
+TRIANGLES = ("lower", "upper", "both")
+
+
+def cholesky_ex(A: Tensor, *, triangle: str = "lower",
                 overwrite: bool = False) -> tuple[Tensor, Tensor]:
     r"""``torch.linalg.cholesky_ex(A)`` for a batch ``A (..., n, n)``: the lower factor ``L``
     (column-major blocks, zeros above the diagonal, as torch's) and ``info`` (0, or the order
     of the first leading minor that is not positive definite), faster on the CPU.
 
-    On the CPU torch's ``cholesky_ex`` first copies the lower triangle of every block into a
-    column-major output with a kernel that is slow for blocks of a few hundred rows (for
-    512² float32 blocks it costs more than LAPACK's ``potrf`` itself). Here:
+    ``triangle`` says which part of each block holds the matrix: ``"lower"`` (torch's
+    convention; the rest is not read), ``"upper"`` (row-major upper triangle, diagonal
+    included) or ``"both"``.  On the CPU torch's ``cholesky_ex`` first copies the lower
+    triangle of every block into a column-major output with a kernel that is slow for blocks of
+    a few hundred rows (for 512² float32 blocks it costs more than LAPACK's ``potrf`` itself).
+    Here:
 
-    * ``symmetric=True`` (both triangles of ``A`` hold the matrix, as for Gram matrices built
-      in full): each block is factored by scipy's LAPACK ``?potrf`` in place in a copy of the
-      batch (its row-major storage is the column-major storage of the same symmetric matrix),
-      with the BLAS threads limited to torch's thread count; the same factorisation to rounding
-      (another LAPACK build), 1.5-2.7x faster than torch's for 128 blocks of 129²-786²;
-    * otherwise (only the lower triangle of ``A`` is valid) torch's ``cholesky_ex`` on chunks of
-      at most :data:`CHOLESKY_CHUNK_BYTES`, so that each chunk's copy stays in cache; bit for
-      bit torch's result.
+    * ``"upper"``/``"both"`` (float32/float64): each block is factored by scipy's LAPACK
+      ``?potrf`` in place in a copy of the batch (the row-major upper triangle is the
+      column-major lower triangle of the same symmetric matrix), with the BLAS threads limited
+      to torch's thread count; the same factorisation to rounding (another LAPACK build),
+      1.5-2.7x faster than torch's for 128 blocks of 129²-786².  With ``overwrite`` a
+      contiguous ``A`` is factored in its own memory (no copy of the batch; ``A`` is then
+      garbage);
+    * ``"lower"``: torch's ``cholesky_ex`` on chunks of at most :data:`CHOLESKY_CHUNK_BYTES`,
+      so that each chunk's copy stays in cache; bit for bit torch's result.
 
-    With ``overwrite`` (and ``symmetric``) a contiguous ``A`` may be factored in its own
-    memory (``A`` then holds ``Lᵀ`` row by row, i.e. ``L`` column by column): no copy of the
-    batch.  Other devices (and batches without blocks) take torch's one batched call.
+    Other devices (and batches without blocks) take torch's one batched call (an ``"upper"``
+    batch mirrored first).
     """
-    if A.device.type != "cpu" or A.ndim < 3 or A.numel() == 0:
-        return torch.linalg.cholesky_ex(A)
+    if triangle not in TRIANGLES:
+        raise ValueError(f"cholesky_ex: triangle must be one of {TRIANGLES}, got {triangle!r}")
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"cholesky_ex: A must be a batch of square blocks (..., n, n), got "
+                         f"shape {tuple(A.shape)}")
+    cpu = A.device.type == "cpu" and A.ndim >= 3 and A.numel() > 0
     n = A.shape[-1]
-    flat = A.reshape(-1, n, n)
-    B = flat.shape[0]
-    if symmetric and A.dtype in (torch.float32, torch.float64) and not A.requires_grad:
-        out = _lapack_cholesky(flat, overwrite and A.is_contiguous())
+    if cpu and triangle != "lower" and A.dtype in (torch.float32, torch.float64) \
+            and not A.requires_grad:
+        out = _lapack_cholesky(A.reshape(-1, n, n), overwrite and A.is_contiguous())
         if out is not None:
             return out[0].reshape(A.shape), out[1].reshape(A.shape[:-2])
+    if triangle == "upper":  # the fallbacks read the lower triangle
+        A = A.triu() + A.triu(1).mT
+    if not cpu:
+        return torch.linalg.cholesky_ex(A)
+    flat = A.reshape(-1, n, n)
+    B = flat.shape[0]
     step = max(1, CHOLESKY_CHUNK_BYTES // max(1, n * n * A.element_size()))
     if step >= B:
         return torch.linalg.cholesky_ex(A)
@@ -440,8 +457,9 @@ _BLAS_CONTROLLER: Any = None
 
 
 def _lapack_cholesky(flat: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
-    """Lower Cholesky factors of the symmetric CPU blocks ``flat (B, n, n)`` by scipy's LAPACK
-    (column-major, zero upper triangles), or ``None`` when scipy/threadpoolctl are missing."""
+    """Lower Cholesky factors of the CPU blocks ``flat (B, n, n)`` (their row-major upper
+    triangles read) by scipy's LAPACK (column-major, zero upper triangles), or ``None`` when
+    scipy/threadpoolctl are missing."""
     global _BLAS_CONTROLLER
     try:
         from scipy.linalg import lapack
@@ -459,8 +477,8 @@ def _lapack_cholesky(flat: Tensor, overwrite: bool = False) -> tuple[Tensor, Ten
     info = np.zeros(buf.shape[0], dtype=np.int32)
     with _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas"):
         for i in range(arr.shape[0]):
-            # arr[i].T is Fortran-ordered and (A symmetric) the same matrix: L lands in its
-            # lower triangle, i.e. in the upper triangle of the row-major block
+            # arr[i].T is Fortran-ordered: its lower triangle is the row-major upper one (the
+            # matrix), and L lands there, i.e. in the upper triangle of the row-major block
             block = arr[i].T
             c, info[i] = potrf(block, lower=1, clean=0, overwrite_a=1)
             if c is not block and not np.shares_memory(c, block):  # pragma: no cover

@@ -207,7 +207,7 @@ def test_chunked_cholesky_ex_is_bit_identical(shape: tuple[int, ...], dtype: tor
 @pytest.mark.parametrize("shape", [(3, 5), (40, 129), (6, 512), (2, 3, 150)])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_lapack_cholesky_of_symmetric_blocks(shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """``cholesky_ex(A, symmetric=True)`` (scipy's LAPACK on the CPU) against torch's: the same
+    """``cholesky_ex(A, triangle="both")`` (scipy's LAPACK on the CPU) against torch's: the same
     factor to rounding, zeros above the diagonal, torch's column-major layout, the same
     ``info`` for an indefinite block, and ``A`` left as it was."""
     *batch, m = shape
@@ -216,7 +216,7 @@ def test_lapack_cholesky_of_symmetric_blocks(shape: tuple[int, ...], dtype: torc
     A = (X @ X.mT / m).to(dtype)
     A.reshape(-1, m, m)[1, m // 2, m // 2] = -1.0  # one indefinite block
     before = A.clone()
-    L, info = theory.cholesky_ex(A, symmetric=True)
+    L, info = theory.cholesky_ex(A, triangle="both")
     L0, info0 = torch.linalg.cholesky_ex(A)
     assert torch.equal(A, before)
     assert torch.equal(info, info0) and int(info.reshape(-1)[1]) > 0
@@ -232,3 +232,29 @@ def test_lapack_cholesky_of_symmetric_blocks(shape: tuple[int, ...], dtype: torc
     x = theory.cho_solve(rhs[ok], L[ok])
     ref = torch.linalg.solve(A[ok].to(F64), rhs[ok].to(F64))
     assert rel_err(x.to(F64), ref) < (1e-2 if dtype == torch.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("lapack", [True, False])
+def test_cholesky_of_the_upper_triangle(dtype: torch.dtype, lapack: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triangle="upper"`` reads only the row-major upper triangle (NaN below is never read),
+    through LAPACK or, without it (``lapack=False``: scipy missing, or another device), mirrored
+    into torch's path; ``"lower"`` reads only the lower one; a bad ``triangle`` is refused."""
+    if not lapack:
+        monkeypatch.setattr(theory, "_lapack_cholesky", lambda flat, overwrite=False: None)
+    g = torch.Generator().manual_seed(5)
+    m = 40
+    X = torch.randn(3, m, m + 5, generator=g, dtype=F64)
+    A = X @ X.mT / m + torch.eye(m, dtype=F64)
+    R = torch.linalg.cholesky(A)
+    up = A.triu() + torch.full_like(A, float("nan")).tril(-1)
+    low = A.tril() + torch.full_like(A, float("nan")).triu(1)
+    for tri, M in (("upper", up), ("lower", low)):
+        L, info = theory.cholesky_ex(M.to(dtype), triangle=tri)
+        assert int(info.max()) == 0
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert float((L.to(F64) - R).abs().max()) < tol * float(R.abs().max()), tri
+        assert torch.equal(L.triu(1), torch.zeros_like(L))
+    with pytest.raises(ValueError, match="triangle must be one of"):
+        theory.cholesky_ex(A, triangle="full")

@@ -179,11 +179,11 @@ def _bad_pivots(diag: Tensor, L: Tensor, info: Tensor) -> Tensor:
 class _CholeskySolve:
     """``(A + λI)⁻¹ rhs`` from a Cholesky factor (parameter space)."""
 
-    def __init__(self, A: Tensor, overwrite: bool = False) -> None:
+    def __init__(self, A: Tensor, overwrite: bool = False, triangle: str = "both") -> None:
         diag = A.diagonal(dim1=-2, dim2=-1).clone() if overwrite else \
             A.diagonal(dim1=-2, dim2=-1)
-        # the blocks are built in full; with overwrite A's memory becomes the factor's
-        self.L, info = cholesky_ex(A, symmetric=True, overwrite=overwrite)
+        # with overwrite A's memory becomes the factor's
+        self.L, info = cholesky_ex(A, triangle=triangle, overwrite=overwrite)
         # the results of flagged units are replaced by NaN by the caller
         self.bad = _bad_pivots(diag, self.L, info)
 
@@ -207,7 +207,7 @@ class _CenteredWoodbury:
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
-        self.L, info = cholesky_ex(C, symmetric=True, overwrite=True)  # C is a temporary
+        self.L, info = cholesky_ex(C, triangle="both", overwrite=True)  # C is a temporary
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
@@ -223,18 +223,19 @@ class _CenteredWoodbury:
         return (rhs - back) / self.lam[:, None, None]
 
 
-def _packed_gram(X: Tensor, W: Tensor, budget: int) -> Tensor:
+def _packed_gram(X: Tensor, W: Tensor, budget: int, mirror: bool = True) -> Tensor:
     r"""``A_u = Σ_p W_up x_p x_pᵀ`` for all units at once: ``(B, n, n)``.
 
     Per pair of column blocks ``(I, J)``, ``I ≤ J``, one GEMM ``W @ Z`` with
     ``Z_p = x_pI ⊗ x_pJ`` (shared by all units), in row chunks of at most ``budget`` bytes; the
     blocks below the diagonal are the transposes (about 40% fewer flops than the full product,
-    without the gather a packed triangle needs).
+    without the gather a packed triangle needs), or zero without ``mirror`` (then the upper
+    block triangle holds the matrix: enough for ``cholesky_ex(triangle="upper")``).
     """
     P, n = X.shape
     k = min(4, max(1, n // 32))
     edges = [round(i * n / k) for i in range(k + 1)]
-    A = X.new_empty(W.shape[0], n, n)
+    A = X.new_empty(W.shape[0], n, n) if mirror else X.new_zeros(W.shape[0], n, n)
     for i in range(k):
         for j in range(i, k):
             Ii, Ij = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
@@ -249,7 +250,7 @@ def _packed_gram(X: Tensor, W: Tensor, budget: int) -> Tensor:
             assert blk is not None
             blk = blk.reshape(-1, hi, hj)
             A[:, Ii, Ij] = blk
-            if i != j:
+            if i != j and mirror:
                 A[:, Ij, Ii] = blk.mT
     return A
 
@@ -855,12 +856,14 @@ class BiasShiftProbe:
             s = slice(u0, u0 + chunk)
             e = Et[s]
             # M₀ = c·Var_q(a) = Σ_p W_p (a_p − E_q)(a_p − E_q)ᵀ from the centred rows
-            M0 = _packed_gram(Xc, W[s], self.memory_budget)
+            # the upper block triangle is all the factorisations read (cond_F needs it all)
+            full = self.condition
+            M0 = _packed_gram(Xc, W[s], self.memory_budget, mirror=full)
             M0.baddbmm_(e.unsqueeze(-1), (c[s].unsqueeze(-1) * e).unsqueeze(-2), alpha=-1)
             Md = M0.clone()  # damped: M₀ + λI (one copy; the factorisations work in place)
             Md.diagonal(dim1=-2, dim2=-1).add_(lam[s].unsqueeze(-1))
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
-            und = _CholeskySolve(M0, overwrite=True)
+            und = _CholeskySolve(M0, overwrite=True, triangle="both" if full else "upper")
             E = mu + e
             rhs0 = E.unsqueeze(-1)
             z0 = und(rhs0)
@@ -875,7 +878,8 @@ class BiasShiftProbe:
             nan0 = torch.full_like(cs, float("nan"))
             msq = torch.where(und.bad, nan0, cs * _dot(E, z0))
             k0 = torch.where(und.bad, nan0, 1 + cs * _dot(es, z0))
-            sol = _CholeskySolve(Md, overwrite=not self.condition)  # cond_F needs Md
+            sol = _CholeskySolve(Md, overwrite=not full,  # cond_F needs Md
+                                 triangle="both" if full else "upper")
             res = self._theorems(c[s], lam[s], e, mu, g[s], sol, sol.bad,
                                  self._apply_M(Xc, W[s], e, lam[s]))
             res["k_undamped"] = k0
