@@ -392,6 +392,14 @@ def test_replot_redraws_from_the_csv_and_json_like_the_run(tmp_path) -> None:
     assert replot_cli.main([]) == 2
     assert replot_cli.main([str(stem.with_suffix(".csv"))]) == 0
     np.testing.assert_array_equal(imread(png), imread(paths[0]))
+    # a table committed gzip-compressed (figures/NAME.csv.gz) redraws the same figure
+    import gzip
+
+    csv = stem.with_suffix(".csv")
+    stem.with_suffix(".csv.gz").write_bytes(gzip.compress(csv.read_bytes()))
+    csv.unlink()
+    assert replot_cli.main([str(stem.with_suffix(".csv.gz"))]) == 0
+    np.testing.assert_array_equal(imread(png), imread(paths[0]))
     (tmp_path / "bad.json").write_text("{}")
     (tmp_path / "bad.csv").write_text("x\n")
     with pytest.raises(ValueError, match="not a biasshift result record"):

@@ -197,7 +197,8 @@ def read_result_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def replot(stem: str | os.PathLike[str]) -> list[Path]:
-    """Redraw ``stem.png`` and ``stem.pdf`` from ``stem.csv`` and the settings in ``stem.json``.
+    """Redraw ``stem.png`` and ``stem.pdf`` from ``stem.csv`` (or, when only that is there,
+    ``stem.csv.gz``: large tables are committed compressed) and the settings in ``stem.json``.
 
     Nothing is trained and the CSV and JSON are left as they are: the figure is a function of
     the tidy table and the settings only (:meth:`Analysis.plot`).
@@ -220,6 +221,8 @@ def replot(stem: str | os.PathLike[str]) -> list[Path]:
     kw["out"], kw["work_dir"] = Path(kw["out"]), Path(kw["work_dir"])
     settings = Settings(**kw)
     analysis = get_analysis(record["analysis"])
-    df = read_result_csv(stem.with_suffix(".csv"))
+    csv = stem.with_suffix(".csv")
+    gz = stem.with_suffix(".csv.gz")
+    df = read_result_csv(gz if not csv.exists() and gz.exists() else csv)
     return save_figure(analysis.plot(df, settings), stem)
 

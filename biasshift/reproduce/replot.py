@@ -18,11 +18,12 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m biasshift.reproduce.replot STEM [STEM ...] (STEM.csv and "
-              "STEM.json must exist; writes STEM.png and STEM.pdf)", file=sys.stderr)
+        print("usage: python -m biasshift.reproduce.replot STEM [STEM ...] (STEM.csv or "
+              "STEM.csv.gz, and STEM.json must exist; writes STEM.png and STEM.pdf)",
+              file=sys.stderr)
         return 2
     for arg in args:
-        stem = Path(arg)
+        stem = Path(arg.removesuffix(".gz"))
         if stem.suffix in (".csv", ".json", ".png", ".pdf"):
             stem = stem.with_suffix("")
         written = replot(stem)
