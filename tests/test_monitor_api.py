@@ -370,15 +370,24 @@ def test_load_state_dict_errors() -> None:
 
 
 # -- no host synchronisation -----------------------------------------------------------------------
-@pytest.mark.parametrize("buffer_bytes", [0, 1024])
-def test_hooks_never_read_tensor_values_on_the_host(buffer_bytes: int, monkeypatch) -> None:
-    """Inside forward passes (flushes included) no tensor value reaches Python."""
+@pytest.mark.parametrize("finite_first", [False, True])
+@pytest.mark.parametrize("buffer_bytes", [0, 1024, 1 << 20])
+def test_hooks_never_read_tensor_values_on_the_host(buffer_bytes: int, finite_first: bool,
+                                                    monkeypatch) -> None:
+    """Inside forward passes (flushes included) no tensor value reaches Python, except, with
+    finite-first reductions (the CPU's default), exactly one ``tolist`` of the tiles' finiteness
+    per reduction; a hook that only stages a batch reads nothing."""
+    from biasshift.monitor import running
+
+    monkeypatch.setattr(running, "FINITE_FIRST_DEVICES",
+                        frozenset({"cpu"}) if finite_first else frozenset())
     model = nn.Sequential(nn.Conv2d(2, 3, 3), ELU(), nn.Flatten(), nn.Linear(3 * 16, 4), ELU())
     monitor = ActivationMonitor(model, histogram=True, buffer_bytes=buffer_bytes)
     xs = [torch.randn(5, 2, 6, 6) for _ in range(4)]
     with monitor:
         model(xs[0])  # first call allocates; then forbid every value transfer
         calls: list[str] = []
+        reductions: list[int] = []
 
         def forbid(name: str):
             def f(*a, **k):
@@ -387,13 +396,34 @@ def test_hooks_never_read_tensor_values_on_the_host(buffer_bytes: int, monkeypat
 
             return f
 
+        reduce, real = running._reduce_fused, torch.Tensor.tolist
+
+        def counted(*a, **k):
+            reductions.append(1)
+            with monkeypatch.context() as allowed:
+                if a[-1]:  # finite_first: its one read is allowed, and counted
+                    def tolist(t):
+                        calls.append("tolist")
+                        return real(t)
+
+                    allowed.setattr(torch.Tensor, "tolist", tolist)
+                return reduce(*a, **k)
+
         with monkeypatch.context() as mp:
             for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
                          "__index__"):
                 mp.setattr(torch.Tensor, name, forbid(name))
+            mp.setattr(running, "_reduce_fused", counted)
             for x in xs[1:]:
                 model(x)
-        assert calls == []
+        if finite_first:
+            assert calls == ["tolist"] * len(reductions)
+        else:
+            assert calls == []
+        if buffer_bytes == 0:
+            assert len(reductions) == 2 * 3  # both modules, every batch
+        elif buffer_bytes == 1 << 20:
+            assert reductions == []  # staged only
     assert (monitor.stats().groupby("module")["count"].max() == [4 * 5 * 16, 4 * 5]).all()
 
 

@@ -421,14 +421,18 @@ def _layout_batch(layout: str, n: int, units: int, gen: torch.Generator,
     buffer_rows=st.sampled_from([0, 7, 100]),
     tile=st.sampled_from([None, 40]),
     nonfinite=st.booleans(),
+    finite_first=st.sampled_from([None, False, True]),
     seed=st.integers(0, 2**16),
 )
 def test_fused_equals_tiled_reference_bit_for_bit(layout, units, sizes, dtype, scale, offset,
-                                                  buffer_rows, tile, nonfinite, seed) -> None:
-    """The fused path (default) and the tiled reference (``fused=False``) give the same state
-    bit for bit, whatever the layout, dtype, tiling and staging; on finite data and with
-    NaN/±inf mixed in (the weaker "equal to float64 rounding" holds a fortiori). Counts are
-    compared exactly and checked against brute force too."""
+                                                  buffer_rows, tile, nonfinite, finite_first,
+                                                  seed) -> None:
+    """The fused path (default), with and without finite-first tiles (the CPU's default: some
+    tiles finite, others redone with the masked kernels), and the tiled reference
+    (``fused=False``) give the same state bit for bit, whatever the layout, dtype, tiling and
+    staging; on finite data and with NaN/±inf mixed in (the weaker "equal to float64
+    rounding" holds a fortiori). Counts are compared exactly and checked against brute force
+    too."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for n in sizes:
@@ -443,14 +447,17 @@ def test_fused_equals_tiled_reference_bit_for_bit(layout, units, sizes, dtype, s
     with pytest.MonkeyPatch.context() as mp:
         if tile is not None:
             mp.setattr(running, "_TILE_ELEMENTS", tile)
-        fused = RunningStats(units, compute_dtype=cd, buffer_rows=buffer_rows)
+        fused = RunningStats(units, compute_dtype=cd, buffer_rows=buffer_rows,
+                             finite_first=finite_first)
         ref = RunningStats(units, compute_dtype=cd, buffer_rows=buffer_rows, fused=False)
         assert fused.fused and not ref.fused
         for x, unit_dim in batches:
             fused.update(x, unit_dim)
             ref.update(x, unit_dim)
-            assert torch.equal(summarize(x, unit_dim, compute_dtype=cd),
-                               summarize(x, unit_dim, compute_dtype=cd, fused=False))
+            want_b = summarize(x, unit_dim, compute_dtype=cd, fused=False)
+            for ff in (None, False, True):
+                assert torch.equal(summarize(x, unit_dim, compute_dtype=cd, finite_first=ff),
+                                   want_b)
         a, b = fused.state(), ref.state()
     assert torch.equal(a, b), (a - b).abs().max()
     flat = torch.cat([x.movedim(d, -1).reshape(-1, units) for x, d in batches]).double()
@@ -468,3 +475,29 @@ def test_summarize_leaves_the_callers_shift_alone(fused: bool) -> None:
     assert torch.equal(shift.isnan(), torch.tensor([False, True, False])) and shift[2] == math.inf
     # a non-finite shift is used as 0: only the float32 accuracy of the moments suffers
     assert_stats_match(state_to_stats(st_), reference(x.numpy()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf", "overflow"])
+def test_finite_first_redoes_exactly_the_tiles_with_nonfinite_sums(poison: str,
+                                                                   monkeypatch) -> None:
+    """Finite first: one non-finite value (or finite values whose squares overflow float32)
+    sends its tile, and only its tile, to the masked kernels; the state equals the reference."""
+    monkeypatch.setattr(running, "_TILE_ELEMENTS", 40)  # 10 rows x 4 units per tile
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
+    value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "overflow": 3e30}[poison]
+    x[23, 1] = value  # tile 2 of 5
+    masked = []
+    real = running._tile_sums_fused
+
+    def spy(part, *a, **k):
+        masked.append(part.shape[0])
+        return real(part, *a, **k)
+
+    monkeypatch.setattr(running, "_tile_sums_fused", spy)
+    got = summarize(x, 1, finite_first=True)
+    assert masked == [10]
+    monkeypatch.setattr(running, "_tile_sums_fused", real)
+    assert torch.equal(got, summarize(x, 1, fused=False))
+    assert torch.equal(got, summarize(x, 1, finite_first=False))
+    stats = state_to_stats(got)
+    assert stats["nonfinite"].tolist() == ([0, 1, 0, 0] if poison != "overflow" else [0] * 4)
