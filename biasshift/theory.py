@@ -399,8 +399,8 @@ CHOLESKY_CHUNK_BYTES = 2**20
 TRIANGLES = ("lower", "upper", "both")
 
 
-def cholesky_ex(A: Tensor, *, triangle: str = "lower",
-                overwrite: bool = False) -> tuple[Tensor, Tensor]:
+def cholesky_ex(A: Tensor, *, triangle: str = "lower", overwrite: bool = False,
+                clean: bool = True) -> tuple[Tensor, Tensor]:
     r"""``torch.linalg.cholesky_ex(A)`` for a batch ``A (..., n, n)``: the lower factor ``L``
     (column-major blocks, zeros above the diagonal, as torch's) and ``info`` (0, or the order
     of the first leading minor that is not positive definite), faster on the CPU.
@@ -418,7 +418,10 @@ def cholesky_ex(A: Tensor, *, triangle: str = "lower",
       to torch's thread count; the same factorisation to rounding (another LAPACK build),
       1.5-2.7x faster than torch's for 128 blocks of 129²-786².  With ``overwrite`` a
       contiguous ``A`` is factored in its own memory (no copy of the batch; ``A`` is then
-      garbage);
+      garbage). ``clean=False`` leaves the factor's strictly upper triangle as it was (the
+      matrix) instead of zeroing it, for callers that read only the lower triangle and the
+      diagonal (:func:`cho_solve`, :func:`torch.linalg.solve_triangular`): it saves a pass
+      over the batch;
     * ``"lower"``: torch's ``cholesky_ex`` on chunks of at most :data:`CHOLESKY_CHUNK_BYTES`,
       so that each chunk's copy stays in cache; bit for bit torch's result.
 
@@ -434,7 +437,7 @@ def cholesky_ex(A: Tensor, *, triangle: str = "lower",
     n = A.shape[-1]
     if cpu and triangle != "lower" and A.dtype in (torch.float32, torch.float64) \
             and not A.requires_grad:
-        out = _lapack_cholesky(A.reshape(-1, n, n), overwrite and A.is_contiguous())
+        out = _lapack_cholesky(A.reshape(-1, n, n), overwrite and A.is_contiguous(), clean)
         if out is not None:
             return out[0].reshape(A.shape), out[1].reshape(A.shape[:-2])
     if triangle == "upper":  # the fallbacks read the lower triangle
@@ -456,10 +459,11 @@ def cholesky_ex(A: Tensor, *, triangle: str = "lower",
 _BLAS_CONTROLLER: Any = None
 
 
-def _lapack_cholesky(flat: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
+def _lapack_cholesky(flat: Tensor, overwrite: bool = False,
+                     clean: bool = True) -> tuple[Tensor, Tensor] | None:
     """Lower Cholesky factors of the CPU blocks ``flat (B, n, n)`` (their row-major upper
-    triangles read) by scipy's LAPACK (column-major, zero upper triangles), or ``None`` when
-    scipy/threadpoolctl are missing."""
+    triangles read) by scipy's LAPACK (column-major; zero upper triangles with ``clean``, else
+    whatever the blocks held there), or ``None`` when scipy/threadpoolctl are missing."""
     global _BLAS_CONTROLLER
     try:
         from scipy.linalg import lapack
@@ -485,7 +489,8 @@ def _lapack_cholesky(flat: Tensor, overwrite: bool = False) -> tuple[Tensor, Ten
                 block[...] = c
     # LAPACK stops at a failed pivot: mark it like torch (info > 0); zero above L's diagonal
     # (the row-major block's strictly lower triangle: a fast in-place pass)
-    buf.triu_()
+    if clean:
+        buf.triu_()
     return buf.mT, torch.from_numpy(info)
 
 

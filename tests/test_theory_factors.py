@@ -242,7 +242,7 @@ def test_cholesky_of_the_upper_triangle(dtype: torch.dtype, lapack: bool,
     through LAPACK or, without it (``lapack=False``: scipy missing, or another device), mirrored
     into torch's path; ``"lower"`` reads only the lower one; a bad ``triangle`` is refused."""
     if not lapack:
-        monkeypatch.setattr(theory, "_lapack_cholesky", lambda flat, overwrite=False: None)
+        monkeypatch.setattr(theory, "_lapack_cholesky", lambda *a, **k: None)
     g = torch.Generator().manual_seed(5)
     m = 40
     X = torch.randn(3, m, m + 5, generator=g, dtype=F64)
@@ -258,3 +258,22 @@ def test_cholesky_of_the_upper_triangle(dtype: torch.dtype, lapack: bool,
         assert torch.equal(L.triu(1), torch.zeros_like(L))
     with pytest.raises(ValueError, match="triangle must be one of"):
         theory.cholesky_ex(A, triangle="full")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("triangle", ["upper", "both"])
+def test_unclean_factor_has_the_same_lower_triangle_and_solves(dtype: torch.dtype,
+                                                              triangle: str) -> None:
+    """``clean=False`` (LAPACK path) skips zeroing above the diagonal: the lower triangle (the
+    factor) and every solve through :func:`cho_solve` are bit for bit those of the clean one."""
+    g = torch.Generator().manual_seed(9)
+    m = 33
+    X = torch.randn(4, m, m + 5, generator=g, dtype=F64)
+    A = (X @ X.mT / m + torch.eye(m, dtype=F64)).to(dtype)
+    L, info = theory.cholesky_ex(A, triangle=triangle)
+    Lu, infou = theory.cholesky_ex(A, triangle=triangle, clean=False)
+    assert torch.equal(info, infou)
+    assert torch.equal(L, Lu.tril())
+    assert not torch.equal(Lu.triu(1), torch.zeros_like(Lu))  # really left unclean
+    rhs = torch.randn(4, m, 3, generator=g, dtype=F64).to(dtype)
+    assert torch.equal(theory.cho_solve(rhs, L), theory.cho_solve(rhs, Lu))

@@ -133,6 +133,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from biasshift import distributed as _dist
+from biasshift._torch import Workspace
 from biasshift.fisher.capture import LayerSelection, LayerSpec, delta_rows, incoming, resolve_layers
 from biasshift.fisher.likelihood import FISHER_KINDS, Likelihood, make_likelihood, score_vectors
 from biasshift.hooks import Trace, eval_mode
@@ -183,7 +184,8 @@ class _CholeskySolve:
         diag = A.diagonal(dim1=-2, dim2=-1).clone() if overwrite else \
             A.diagonal(dim1=-2, dim2=-1)
         # with overwrite A's memory becomes the factor's
-        self.L, info = cholesky_ex(A, triangle=triangle, overwrite=overwrite)
+        # only the lower triangle and the diagonal of L are read (cho_solve, _bad_pivots)
+        self.L, info = cholesky_ex(A, triangle=triangle, overwrite=overwrite, clean=False)
         # the results of flagged units are replaced by NaN by the caller
         self.bad = _bad_pivots(diag, self.L, info)
 
@@ -196,18 +198,23 @@ class _CenteredWoodbury:
     sample space: ``M⁻¹r = (r − Ũᵀ(λI_P + ŨŨᵀ)⁻¹Ũr)/λ``, with
     ``ŨŨᵀ = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d)``, ``K = X̃X̃ᵀ`` shared, ``v = X̃Ẽ``."""
 
-    def __init__(self, X: Tensor, K: Tensor, d: Tensor, Et: Tensor, lam: Tensor) -> None:
+    def __init__(self, X: Tensor, K: Tensor, d: Tensor, Et: Tensor, lam: Tensor,
+                 work: Workspace | None = None) -> None:
         self.X, self.d, self.Et, self.lam = X, d, Et, lam
         v = Et @ X.T  # (B, P)
         # C = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d) = (ddᵀ)∘K − z dᵀ − d zᵀ with
         # z = d∘v − |Ẽ|²d/2: one (B, P, P) allocation, two scaling passes and one in-place
         # rank-2 update (instead of five full-size temporaries)
         z = d * v - 0.5 * _dot(Et, Et).unsqueeze(-1) * d
-        C = torch.mul(K, d.unsqueeze(-1))
+        shape = (d.shape[0], K.shape[0], K.shape[1])
+        C = work.empty("woodbury", shape, K.dtype, K.device) if work is not None else \
+            K.new_empty(shape)
+        torch.mul(K, d.unsqueeze(-1), out=C)
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
         C.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(-1))
-        self.L, info = cholesky_ex(C, triangle="both", overwrite=True)  # C is a temporary
+        # C is a temporary; only L's lower triangle is read (cho_solve)
+        self.L, info = cholesky_ex(C, triangle="both", overwrite=True, clean=False)
         self.bad = (info != 0) | ~(lam > 0)
 
     def __call__(self, rhs: Tensor) -> Tensor:
@@ -223,19 +230,26 @@ class _CenteredWoodbury:
         return (rhs - back) / self.lam[:, None, None]
 
 
-def _packed_gram(X: Tensor, W: Tensor, budget: int, mirror: bool = True) -> Tensor:
+def _packed_gram(X: Tensor, W: Tensor, budget: int, mirror: bool = True,
+                 out: Tensor | None = None) -> Tensor:
     r"""``A_u = Σ_p W_up x_p x_pᵀ`` for all units at once: ``(B, n, n)``.
 
     Per pair of column blocks ``(I, J)``, ``I ≤ J``, one GEMM ``W @ Z`` with
     ``Z_p = x_pI ⊗ x_pJ`` (shared by all units), in row chunks of at most ``budget`` bytes; the
     blocks below the diagonal are the transposes (about 40% fewer flops than the full product,
     without the gather a packed triangle needs), or zero without ``mirror`` (then the upper
-    block triangle holds the matrix: enough for ``cholesky_ex(triangle="upper")``).
+    block triangle holds the matrix: enough for ``cholesky_ex(triangle="upper")``). ``out``: a
+    ``(units, n, n)`` tensor to write into (e.g. from a :class:`~biasshift._torch.Workspace`).
     """
     P, n = X.shape
     k = min(4, max(1, n // 32))
     edges = [round(i * n / k) for i in range(k + 1)]
-    A = X.new_empty(W.shape[0], n, n) if mirror else X.new_zeros(W.shape[0], n, n)
+    if out is None:
+        A = X.new_empty(W.shape[0], n, n)
+    else:
+        A = out
+    if not mirror:
+        A.zero_()
     for i in range(k):
         for j in range(i, k):
             Ii, Ij = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
@@ -382,6 +396,8 @@ class BiasShiftProbe:
         condition: also compute ``cond_F`` (an eigendecomposition per unit: slow).
         batch_size: probe samples per forward pass (default: the whole probe at once).
         memory_budget: bytes for the largest temporary of a layer's solves (chunks of units).
+            The blocks of the largest chunk are kept between measurements (fresh pages cost
+            about a pass over them on the CPU); :meth:`release_memory` frees them.
         sync, process_group: under ``torch.distributed``, measure on all ranks' probe shards
             together (default) or on this rank's (``sync=False``); see the module docstring.
     """
@@ -447,6 +463,8 @@ class BiasShiftProbe:
         self.seed = int(seed)
         self.condition = bool(condition)
         self.memory_budget = max(int(memory_budget), 1 << 20)
+        # the blocks of a measurement, kept between measurements (fresh pages cost a pass)
+        self._work = Workspace()
         params = [p for p in model.parameters() if p.is_floating_point()]
         device = params[0].device if params else probe_inputs.device
         if dtype is None:
@@ -464,6 +482,13 @@ class BiasShiftProbe:
         self._resolve(layers)
         self.quantities: tuple[str, ...] = QUANTITIES + (("cond_F",) if condition else ())
         self._dry_run()
+
+    def release_memory(self) -> int:
+        """Free the work blocks kept between measurements; returns the bytes freed (the next
+        measurement allocates them again)."""
+        freed = self._work.nbytes
+        self._work.clear()
+        return freed
 
     # ------------------------------------------------------------------------- set-up
     def _resolve(self, selection: LayerSelection) -> None:
@@ -858,9 +883,12 @@ class BiasShiftProbe:
             # M₀ = c·Var_q(a) = Σ_p W_p (a_p − E_q)(a_p − E_q)ᵀ from the centred rows
             # the upper block triangle is all the factorisations read (cond_F needs it all)
             full = self.condition
-            M0 = _packed_gram(Xc, W[s], self.memory_budget, mirror=full)
+            B_s = W[s].shape[0]
+            M0 = _packed_gram(Xc, W[s], self.memory_budget, mirror=full,
+                              out=self._work.empty("gram", (B_s, n, n), Xc.dtype, Xc.device))
             M0.baddbmm_(e.unsqueeze(-1), (c[s].unsqueeze(-1) * e).unsqueeze(-2), alpha=-1)
-            Md = M0.clone()  # damped: M₀ + λI (one copy; the factorisations work in place)
+            # damped: M₀ + λI (one copy; the factorisations work in place)
+            Md = self._work.empty("damped", M0.shape, M0.dtype, M0.device).copy_(M0)
             Md.diagonal(dim1=-2, dim2=-1).add_(lam[s].unsqueeze(-1))
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
             und = _CholeskySolve(M0, overwrite=True, triangle="both" if full else "upper")
@@ -908,7 +936,7 @@ class BiasShiftProbe:
         parts: dict[str, list[Tensor]] = {}
         for u0 in range(0, B, chunk):
             s = slice(u0, u0 + chunk)
-            sol = _CenteredWoodbury(Xc, K, d[s], Et[s], lam[s])
+            sol = _CenteredWoodbury(Xc, K, d[s], Et[s], lam[s], self._work)
             res = self._theorems(c[s], lam[s], Et[s], mu, g[s], sol, sol.bad,
                                  self._apply_M(Xc, W[s], Et[s], lam[s]))
             nan = torch.full_like(c[s], float("nan"))

@@ -84,6 +84,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from biasshift._torch import Workspace
 from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram
 
 __all__ = [
@@ -178,26 +179,17 @@ def state_to_stats(state: Tensor) -> dict[str, Tensor]:
     }
 
 
-class ScratchPool:
-    """Reusable work tensors, one flat allocation per (slot, device, dtype), grown on demand.
+class ScratchPool(Workspace):
+    """Reusable work tensors (a :class:`~biasshift._torch.Workspace`), with the layouts the
+    reductions need.
 
     Reductions write their elementwise intermediates into these instead of allocating fresh
     tensors: on the CPU, allocating (and page-faulting) a large tensor per kernel costs more than
     the kernel itself. A pool is used from one thread and one CUDA stream at a time.
     """
 
-    def __init__(self) -> None:
-        self._flat: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
-
     def _get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (slot, device, dtype)
-        flat = self._flat.get(key)
-        if flat is None or flat.numel() < numel:
-            self._flat.pop(key, None)  # free the old one first
-            with torch.inference_mode(False):
-                flat = torch.empty(numel, dtype=dtype, device=device)
-            self._flat[key] = flat
-        return flat[:numel]
+        return self.flat(slot, numel, dtype, device)
 
     def like(self, slot: str, x: Tensor, dtype: torch.dtype) -> Tensor:
         """A tensor with ``x``'s shape in ``dtype``; with ``x``'s memory layout when ``x`` is a
@@ -226,9 +218,6 @@ class ScratchPool:
     def rows(self, slot: str, n: int, units: int, dtype: torch.dtype,
              device: torch.device) -> Tensor:
         return self._get(slot, n * units, dtype, device).view(n, units)
-
-    def clear(self) -> None:
-        self._flat.clear()
 
 
 def _normalize_device(device: torch.device | str | None) -> torch.device:
