@@ -582,3 +582,32 @@ def test_no_synchronisation_on_cuda_until_the_host_transfer() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert m.frame().shape[0] == len(QUANTITIES) * sum(probe.units)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_kept_work_blocks_do_not_leak_between_measurements(arch: str) -> None:
+    """The blocks kept between measurements (stale values of the previous step in them) give
+    the same values bit for bit as a fresh probe's, in float32 and without ``condition`` (the
+    upper-triangle-only path); release_memory() frees them and the next measurement is the
+    same again."""
+    model = (mlp_net() if arch == "mlp" else conv_net()).float()
+    px, py = data(arch, 16, seed=3)
+    opt = make_optimizer("momentum", model)
+    kept = BiasShiftProbe(model, px.float(), py)
+    for step in range(3):
+        bx, by = data(arch, 8, seed=10 + step)
+        _step(model, opt, bx.float(), by)
+        fresh = BiasShiftProbe(model, px.float(), py)
+        with fresh.measure() as want:
+            pass
+        if step == 2:
+            assert kept.release_memory() > 0 and kept.release_memory() == 0
+        with kept.measure() as got:
+            pass
+        assert kept._work.nbytes > 0
+        for layer, qs in want.tensors.items():
+            for q, v in qs.items():
+                assert torch.equal(got.tensors[layer][q].isnan(), v.isnan()), (layer, q)
+                assert torch.equal(got.tensors[layer][q].nan_to_num(), v.nan_to_num()), (
+                    step, layer, q)
+        opt.step()
