@@ -277,3 +277,39 @@ def test_unclean_factor_has_the_same_lower_triangle_and_solves(dtype: torch.dtyp
     assert not torch.equal(Lu.triu(1), torch.zeros_like(Lu))  # really left unclean
     rhs = torch.randn(4, m, 3, generator=g, dtype=F64).to(dtype)
     assert torch.equal(theory.cho_solve(rhs, L), theory.cho_solve(rhs, Lu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("clean", [True, False])
+def test_lapack_cholesky_of_the_lower_triangle_is_row_major(dtype: torch.dtype,
+                                                            clean: bool) -> None:
+    """``triangle="lower", layout="any"`` on the CPU: LAPACK reads only the lower triangle (NaN
+    above is never read), returns row-major factors equal to torch's to rounding, the same
+    ``info`` for an indefinite block, and leaves ``A`` alone unless ``overwrite``."""
+    g = torch.Generator().manual_seed(11)
+    m = 37
+    X = torch.randn(4, m, m + 5, generator=g, dtype=F64)
+    A = X @ X.mT / m + torch.eye(m, dtype=F64)
+    A[2, 5, 5] = -1.0  # indefinite
+    low = (A.tril() + torch.full_like(A, float("nan")).triu(1)).to(dtype)
+    before = low.clone()
+    L, info = theory.cholesky_ex(low, triangle="lower", layout="any", clean=clean)
+    L0, info0 = torch.linalg.cholesky_ex(A.to(dtype))
+    assert torch.equal(low.isnan(), before.isnan()) and torch.equal(low.nan_to_num(),
+                                                                   before.nan_to_num())
+    assert L.is_contiguous() and torch.equal(info, info0) and int(info[2]) > 0
+    ok = info0 == 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((L[ok].tril() - L0[ok]).abs().max()) < tol * float(L0[ok].abs().max())
+    if clean:
+        assert torch.equal(L.triu(1), torch.zeros_like(L))
+    rhs = torch.randn(4, m, 2, generator=g, dtype=F64).to(dtype)
+    x = theory.cho_solve(rhs[ok], L[ok])
+    ref = torch.linalg.solve(A[ok], rhs[ok].to(F64))
+    assert rel_err(x.to(F64), ref) < (1e-3 if dtype == torch.float32 else 1e-9)
+    # overwrite: the factor in A's own memory
+    own = low.clone()
+    L2, _ = theory.cholesky_ex(own, triangle="lower", layout="any", overwrite=True, clean=clean)
+    assert L2.data_ptr() == own.data_ptr() and torch.equal(L2[ok].tril(), L[ok].tril())
+    with pytest.raises(ValueError, match="layout must be"):
+        theory.cholesky_ex(A, layout="row")

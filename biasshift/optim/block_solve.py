@@ -90,12 +90,14 @@ class BlockFactors:
             chol = cholesky_solver(F)
             L, ok = chol.L, ~chol.bad & finite
         else:
-            L, info = cholesky_ex(F)
+            # F is ours (a clone or the caller's to overwrite): factored in its own memory,
+            # row-major from the CPU's LAPACK
+            L, info = cholesky_ex(F, overwrite=True, layout="any")
             ok = (info == 0) & finite & (L.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
-        # one memory layout (LAPACK's column-major) whatever the backend returned, so that a
-        # factor restored from a checkpoint is applied by exactly the same kernels
-        L = _column_major(L)
-        L.mT.masked_fill_(~ok[:, None, None], 0.0)  # row-major view: one contiguous pass
+        # one memory layout (row-major) whatever the backend returned, so that a factor
+        # restored from a checkpoint is applied by exactly the same kernels
+        L = _row_major(L)
+        L.masked_fill_(~ok[:, None, None], 0.0)  # one contiguous pass
         L.diagonal(dim1=-2, dim2=-1).masked_fill_(~ok.unsqueeze(-1), 1.0)
         factor = _column_major(torch.cholesky_inverse(L)) if form == "inverse" else L
         return cls(form=form, factor=factor, damping=damping, ok=ok)
@@ -127,6 +129,11 @@ class BlockFactors:
                             self.ok.to(device))
 
 
+def _row_major(M: Tensor) -> Tensor:
+    """``M (units, m, m)`` contiguous (each block row by row)."""
+    return M if M.is_contiguous() else M.contiguous()
+
+
 def _column_major(M: Tensor) -> Tensor:
     """``M (units, m, m)`` with each block stored column by column (LAPACK's layout)."""
     m = M.shape[-1]
@@ -148,7 +155,8 @@ def pack_tril(F: Tensor) -> Tensor:
 
 def unpack_tril(packed: Tensor, m: int, symmetric: bool, column_major: bool = False) -> Tensor:
     """Inverse of :func:`pack_tril`: the lower triangle, mirrored when ``symmetric``; stored
-    column by column with ``column_major`` (the layout of :class:`BlockFactors`)."""
+    column by column with ``column_major`` (the layout of :class:`BlockFactors`' inverses; its
+    Cholesky factors are row-major)."""
     if packed.ndim != 2 or packed.shape[-1] != m * (m + 1) // 2:
         raise ValueError(f"packed blocks must be (units, {m * (m + 1) // 2}) for m = {m}, got "
                          f"{tuple(packed.shape)}")

@@ -797,8 +797,10 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             else:
                 m = layer.m
                 form = e["factor_form"]
+                # the layouts BlockFactors.compute gives: Cholesky factors row-major,
+                # inverses column-major
                 factor = unpack_tril(e["factor"].to(device), m, symmetric=form == "inverse",
-                                     column_major=True)
+                                     column_major=form == "inverse")
                 layer.factors = BlockFactors(form, factor, e["factor_damping"].to(device),
                                              e["factor_ok"].to(device))
 
