@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -58,3 +61,21 @@ class Workspace:
     def clear(self) -> None:
         """Free every buffer."""
         self._flat.clear()
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def scipy_blas_threads() -> contextlib.AbstractContextManager[Any] | None:
+    """A context that limits the BLAS threads of scipy's LAPACK/BLAS to torch's thread count
+    (so that a loop of per-block scipy calls uses the cores torch was given), or ``None`` when
+    scipy or threadpoolctl is missing (callers then take torch's path)."""
+    global _BLAS_CONTROLLER
+    try:
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - both are dependencies (scikit-learn needs the latter)
+        return None
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")

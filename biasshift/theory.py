@@ -71,6 +71,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from biasshift._torch import scipy_blas_threads
+
 __all__ = [
     "FACTOR_FORMS",
     "TRIANGLES",
@@ -466,9 +468,6 @@ def cholesky_ex(A: Tensor, *, triangle: str = "lower", overwrite: bool = False,
     return L.reshape(A.shape), info.reshape(A.shape[:-2])
 
 
-_BLAS_CONTROLLER: Any = None
-
-
 def _lapack_cholesky(flat: Tensor, overwrite: bool = False, clean: bool = True,
                      read: str = "upper") -> tuple[Tensor, Tensor] | None:
     """Lower Cholesky factors of the CPU blocks ``flat (B, n, n)`` by scipy's LAPACK, or
@@ -476,14 +475,10 @@ def _lapack_cholesky(flat: Tensor, overwrite: bool = False, clean: bool = True,
     triangles are read and ``L`` is column-major; ``"lower"``: the row-major lower triangles
     are read and ``L`` is row-major.  The other triangle of ``L`` is zero with ``clean``, else
     whatever the blocks held there."""
-    global _BLAS_CONTROLLER
-    try:
-        from scipy.linalg import lapack
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - both are dependencies (scikit-learn needs the latter)
+    threads = scipy_blas_threads()
+    if threads is None:  # pragma: no cover - scipy and threadpoolctl are dependencies
         return None
-    if _BLAS_CONTROLLER is None:
-        _BLAS_CONTROLLER = ThreadpoolController()
+    from scipy.linalg import lapack
     potrf = lapack.spotrf if flat.dtype == torch.float32 else lapack.dpotrf
     buf = flat.detach() if overwrite else flat.detach().clone(
         memory_format=torch.contiguous_format)
@@ -491,7 +486,7 @@ def _lapack_cholesky(flat: Tensor, overwrite: bool = False, clean: bool = True,
     if not arr.flags.writeable:  # pragma: no cover - numpy < 1.25 exports read-only arrays
         return None
     info = np.zeros(buf.shape[0], dtype=np.int32)
-    with _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas"):
+    with threads:
         for i in range(arr.shape[0]):
             # arr[i].T is Fortran-ordered: its lower triangle is the row-major upper one (the
             # matrix), and L lands there, i.e. in the upper triangle of the row-major block

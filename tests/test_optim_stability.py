@@ -275,3 +275,38 @@ def test_cholesky_factors_are_accurate_where_theorem1_by_cancellation_is_not() -
     assert err < 50 * cond * torch.finfo(torch.float32).eps, (err, cond)
     f64 = BlockFactors.compute(Fb, lam, form="inverse")
     assert torch.allclose(f64.apply(grad), truth, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blas", [True, False])
+def test_block_factor_solves_against_dense_solves(dtype: torch.dtype, blas: bool,
+                                                  monkeypatch) -> None:
+    """``BlockFactors.apply``, through the per-unit BLAS ``?trsv`` path (CPU, large layers;
+    forced here for small blocks) and through torch's batched solves, equals the dense solve
+    of the damped blocks to ``cond · eps``; a unit that is not ok is solved with the identity;
+    the factors are row-major and the input gradient is left alone."""
+    from biasshift.optim import block_solve
+
+    if blas:
+        monkeypatch.setattr(block_solve, "CHUNK_ABOVE_BYTES", 0)
+    else:
+        monkeypatch.setattr(block_solve, "_blas_solve", lambda *a: None)
+    g = torch.Generator().manual_seed(4)
+    U, m = 6, 23
+    X = torch.randn(U, m, m + 4, generator=g, dtype=torch.float64)
+    F64 = X @ X.mT / m
+    F64[3] = -torch.eye(m, dtype=torch.float64)  # not positive definite: not ok
+    lam = torch.full((U,), 1e-2, dtype=torch.float64)
+    bf = BlockFactors.compute(F64.to(dtype), lam.to(dtype))
+    assert bf.factor.is_contiguous() and bf.ok.tolist() == [True, True, True, False, True, True]
+    grad = torch.randn(U, m, generator=g, dtype=torch.float64).to(dtype)
+    before = grad.clone()
+    got = bf.apply(grad).to(torch.float64)
+    assert torch.equal(grad, before)
+    want = torch.linalg.solve(F64 + 1e-2 * torch.eye(m, dtype=torch.float64),
+                              grad.to(torch.float64).unsqueeze(-1)).squeeze(-1)
+    want[3] = grad[3].to(torch.float64)  # the identity's factor
+    cond = torch.linalg.cond(F64[[0, 1, 2, 4, 5]] + 1e-2 * torch.eye(m, dtype=torch.float64))
+    tol = float(cond.max()) * torch.finfo(dtype).eps * 10
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(err.max()) < tol, (err, tol)

@@ -13,9 +13,13 @@ against its spread, which is the case the paper is about (Theorem 1: ``s⁻¹ = 
 Two forms:
 
 * ``"cholesky"`` (the default) keeps ``L``.  Each application is a forward and a backward
-  triangular solve.  On a CPU the units are processed in chunks whose factors fit in the
-  last-level cache, so the second solve reads ``L`` from cache and each step streams each factor
-  from memory once (``units · m² / 2`` numbers for the lower triangle).
+  triangular solve.  On a CPU each unit's two solves are BLAS ``?trsv`` calls (scipy's BLAS)
+  back to back, so the second reads ``L`` from cache and each step streams each factor from
+  memory once (``units · m² / 2`` numbers for the lower triangle); they are 1.2-1.5x faster than
+  torch's batched ``solve_triangular`` for 128 factors of 786² float32 (layers whose factors
+  take more than :data:`CHUNK_ABOVE_BYTES`; smaller ones are faster in one batched call).
+  Elsewhere (or without scipy) the batched solves run in chunks whose factors fit in the
+  last-level cache.
 * ``"inverse"`` keeps ``P = (F + λI)⁻¹`` (from ``cholesky_inverse``).  Each application is one
   batched vector-matrix product, but it reads all ``m²`` entries of every block, and the
   refresh costs three times as much.  An explicit inverse is accurate only to
@@ -32,9 +36,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from biasshift._torch import scipy_blas_threads
 from biasshift.theory import cholesky_ex, cholesky_solver
 
 __all__ = ["FORMS", "BlockFactors", "pack_tril", "unpack_tril"]
@@ -108,9 +114,15 @@ class BlockFactors:
         g = g.to(L.dtype)
         if self.form == "inverse":  # P symmetric: (gᵀP)ᵀ reads P by rows
             return torch.bmm(g.unsqueeze(1), L).squeeze(1)
-        rhs = g.unsqueeze(-1)
         U, m = L.shape[0], L.shape[-1]
         unit_bytes = m * m * L.element_size()
+        if L.device.type == "cpu" and U * unit_bytes > CHUNK_ABOVE_BYTES \
+                and L.dtype in (torch.float32, torch.float64) and L.is_contiguous() \
+                and not L.requires_grad and not g.requires_grad:
+            out = _blas_solve(L, g)
+            if out is not None:
+                return out
+        rhs = g.unsqueeze(-1)
         step = U
         if L.device.type == "cpu" and U * unit_bytes > CHUNK_ABOVE_BYTES:
             step = max(1, CACHE_BYTES // unit_bytes)
@@ -127,6 +139,32 @@ class BlockFactors:
     def to(self, device: torch.device) -> BlockFactors:
         return BlockFactors(self.form, self.factor.to(device), self.damping.to(device),
                             self.ok.to(device))
+
+
+def _blas_solve(L: Tensor, g: Tensor) -> Tensor | None:
+    """``L⁻ᵀL⁻¹g_u`` for row-major lower factors ``L (units, m, m)`` on the CPU: per unit two
+    BLAS ``?trsv`` calls on the same memory (the row-major lower triangle is the column-major
+    upper one, ``U = Lᵀ``: ``Uᵀy = g``, then ``Ux = y``), in place in one copy of ``g``;
+    ``None`` without scipy.  Only ``L``'s lower triangle is read."""
+    threads = scipy_blas_threads()
+    if threads is None:  # pragma: no cover - scipy and threadpoolctl are dependencies
+        return None
+    from scipy.linalg import blas
+
+    trsv = blas.strsv if L.dtype == torch.float32 else blas.dtrsv
+    out = g.detach().to(L.dtype, copy=True).contiguous()
+    A = np.from_dlpack(L.detach())  # the same memory (the data are on the CPU)
+    X = np.from_dlpack(out)
+    with threads:
+        for u in range(A.shape[0]):
+            a, x = A[u].T, X[u]
+            y = trsv(a, x, overwrite_x=1, lower=0, trans=1)
+            if y is not x and not np.shares_memory(y, x):  # pragma: no cover - f2py copied
+                x[...] = y
+            y = trsv(a, x, overwrite_x=1, lower=0, trans=0)
+            if y is not x and not np.shares_memory(y, x):  # pragma: no cover
+                x[...] = y
+    return out
 
 
 def _row_major(M: Tensor) -> Tensor:
