@@ -250,7 +250,8 @@ def test_any_split_gives_the_same_statistics(data, cuts, buffer_rows, offset) ->
     for c in STAT_COLUMNS:
         np.testing.assert_allclose(got[c].numpy(), ref[c].numpy(), rtol=1e-12,
                                    atol=1e-12 * (1 + offset), err_msg=c)
-    assert_stats_match(got, reference(x.numpy()), rtol=1e-11, atol=1e-13)
+    # the numpy reference rounds too: its std of three equal values of 683 is 1.1e-13
+    assert_stats_match(got, reference(x.numpy()), rtol=1e-11, atol=1e-12 * (1 + offset))
 
 
 @settings(max_examples=40, deadline=None)
