@@ -491,7 +491,8 @@ def test_finite_first_redoes_exactly_the_tiles_with_nonfinite_sums(poison: str,
     real = running._tile_sums_fused
 
     def spy(part, *a, **k):
-        masked.append(part.shape[0])
+        if not k.get("finite", False):
+            masked.append(part.shape[0])
         return real(part, *a, **k)
 
     monkeypatch.setattr(running, "_tile_sums_fused", spy)

@@ -324,7 +324,7 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     """:func:`_reduce_into` with the tiles' sums written by fewer, larger kernels (see
     :func:`_tile_sums_fused`) straight into one ``(tiles, 8, units)`` tensor: the same numbers,
     bit for bit, as the per-tile :func:`_batch_sums` of the reference path. ``finite_first``:
-    first :func:`_tile_sums_finite` for every tile, then the masked kernels for the tiles whose
+    first the finite kernels for every tile, then the masked kernels for the tiles whose
     moment sums came out non-finite (one host read)."""
     units = x.shape[unit_dim]
     n_split = x.shape[split]
@@ -336,11 +336,11 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     else:
         has_prior = prior_mean = None
         shift = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)  # never the caller's tensor
-    tile_sums = _tile_sums_finite if finite_first else _tile_sums_fused
     for t in range(n_tiles):
         start = t * step
         part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
-        tile_sums(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean, shift)
+        _tile_sums_fused(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean, shift,
+                         finite=finite_first)
     if finite_first:
         # s1 + s2 of a tile is finite iff its values were (or an overflow: redone as well)
         finite = torch.isfinite(sums[:, :2].sum((1, 2))).tolist()
@@ -363,12 +363,17 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
 
 def _tile_sums_fused(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
                      out: Tensor, has_prior: Tensor | None, prior_mean: Tensor | None,
-                     shift: Tensor | None) -> None:
+                     shift: Tensor | None, finite: bool = False) -> None:
     """The rows of :func:`_batch_sums` for one tile, written in place into ``out``
     (``(8, units)`` in ``cd``): the reference's elementwise kernels on a work tensor of the
     reference's layout, so every row equals the reference's bit for bit, but without its
     per-tile bookkeeping (the shift's candidates are computed once per batch, the sums are
     written where :func:`_tile_state` reads them: no ``stack`` and no per-tile conversion).
+
+    ``finite``: for a tile of finite values, 10 passes instead of 15: the extremes and signs
+    of the data themselves, ``Σ sign x_hi = Σ sign x_lo``, the moments unmasked. On finite
+    data the same rows bit for bit; otherwise ``s1`` or ``s2`` is non-finite, which
+    :func:`_reduce_fused` checks before it uses the rows.
     """
     units = x.shape[unit_dim]
     dims = [i for i in range(x.ndim) if i != unit_dim]
@@ -380,62 +385,36 @@ def _tile_sums_fused(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: Scratch
         x = xc
     s = scratch.like("work", x, cd)
     lo, hi, c = out[5], out[6], out[7]
-    # min and sign counts with non-finite -> +inf, max and Σ sign with non-finite -> -inf
-    torch.nan_to_num(x, _INF, _INF, _INF, out=s)
-    torch.amin(s, dims, out=lo)
-    s.sign_()
-    torch.sum(s, dims, out=out[2])
-    s.abs_()
-    torch.sum(s, dims, out=out[3])
-    torch.nan_to_num(x, -_INF, -_INF, -_INF, out=s)
-    torch.amax(s, dims, out=hi)
-    s.sign_()
-    torch.sum(s, dims, out=out[4])
+    if finite:
+        torch.amin(x, dims, out=lo)
+        torch.amax(x, dims, out=hi)
+        torch.sign(x, out=s)
+        torch.sum(s, dims, out=out[2])
+        s.abs_()
+        torch.sum(s, dims, out=out[3])
+        out[4].copy_(out[2])
+    else:
+        # min and sign counts with non-finite -> +inf, max and Σ sign with non-finite -> -inf
+        torch.nan_to_num(x, _INF, _INF, _INF, out=s)
+        torch.amin(s, dims, out=lo)
+        s.sign_()
+        torch.sum(s, dims, out=out[2])
+        s.abs_()
+        torch.sum(s, dims, out=out[3])
+        torch.nan_to_num(x, -_INF, -_INF, -_INF, out=s)
+        torch.amax(s, dims, out=hi)
+        s.sign_()
+        torch.sum(s, dims, out=out[4])
     if shift is None:
         assert has_prior is not None and prior_mean is not None
         torch.where(has_prior, prior_mean, lo * 0.5 + hi * 0.5, out=c)
         c.nan_to_num_(0.0, 0.0, 0.0)
     else:
         c.copy_(shift)
-    # moments around the shift; non-finite samples contribute 0
+    # moments around the shift; non-finite samples contribute 0 (masked path)
     torch.sub(x, c.view(bshape), out=s)
-    s.nan_to_num_(0.0, 0.0, 0.0)
-    torch.sum(s, dims, out=out[0])
-    s.mul_(s)
-    torch.sum(s, dims, out=out[1])
-
-
-def _tile_sums_finite(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
-                      out: Tensor, has_prior: Tensor | None, prior_mean: Tensor | None,
-                      shift: Tensor | None) -> None:
-    """:func:`_tile_sums_fused` for a tile of finite values, in 10 passes instead of 15: the
-    extremes and signs of the data themselves, ``Σ sign x_hi = Σ sign x_lo``, the moments
-    unmasked. On finite data the same rows bit for bit; otherwise ``s1`` or ``s2`` is
-    non-finite, which :func:`_reduce_fused` checks before it uses the rows."""
-    units = x.shape[unit_dim]
-    dims = [i for i in range(x.ndim) if i != unit_dim]
-    bshape = [1] * x.ndim
-    bshape[unit_dim] = units
-    if x.dtype != cd:
-        xc = scratch.like("convert", x, cd)
-        xc.copy_(x)
-        x = xc
-    s = scratch.like("work", x, cd)
-    lo, hi, c = out[5], out[6], out[7]
-    torch.amin(x, dims, out=lo)
-    torch.amax(x, dims, out=hi)
-    torch.sign(x, out=s)
-    torch.sum(s, dims, out=out[2])
-    s.abs_()
-    torch.sum(s, dims, out=out[3])
-    out[4].copy_(out[2])
-    if shift is None:
-        assert has_prior is not None and prior_mean is not None
-        torch.where(has_prior, prior_mean, lo * 0.5 + hi * 0.5, out=c)
-        c.nan_to_num_(0.0, 0.0, 0.0)
-    else:
-        c.copy_(shift)
-    torch.sub(x, c.view(bshape), out=s)
+    if not finite:
+        s.nan_to_num_(0.0, 0.0, 0.0)
     torch.sum(s, dims, out=out[0])
     s.mul_(s)
     torch.sum(s, dims, out=out[1])
