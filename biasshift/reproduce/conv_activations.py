@@ -40,7 +40,8 @@ ELU or SReLU, with ELU beating ReLU + BN. This analysis runs that protocol:
 Presets: ``paper`` — the reduced CPU protocol on Fashion-MNIST: width 1/8, the first 20,000
 training and 5,000 test images, 6 epochs (1,200 steps), 6 paired seeds, about 100 minutes with
 ``--jobs 2`` on two cores (its exact scale is also in the JSON and the figure title);
-``cuda`` (chosen by ``--device cuda``) — the paper's scale: CIFAR-100, full width, 10 seeds, 330 epochs of 500 steps (165k iterations at batch 100);
+``cuda`` (chosen by ``--device cuda``) — the paper's scale: CIFAR-100, full width, 10 seeds,
+330 epochs of 500 steps (165k iterations at batch 100);
 ``quick`` — the digits, width 1/16, 2 epochs, 2 seeds (a smoke test, no claim).
 
 Tidy CSV: the usual columns plus ``batch_norm`` (0/1). Rows: the trainer's per-epoch
