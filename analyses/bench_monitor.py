@@ -51,7 +51,7 @@ on a shared 2-core AMD EPYC VM):
   ~3 %; the staging copy ~5 % (it streams into 32 MiB of buffers, cold in cache, and evicts
   the step's own data), Python in the hook ~5 us per call (~1.5 %), and the amortised
   reduction of the 65K staged elements per step ~6 % (same 2.7 ns per element).
-* finite first (CPU default since this change): a tile of finite values is reduced in 10 passes
+* finite first (the CPU's default): a tile of finite values is reduced in 10 passes
   (``amin``/``amax``/``sign`` on the data, no ``nan_to_num`` fills, no masking) and checked by
   one read of its sums; measured on 2048x128 tiles 1.7 ns per element against 2.5 for the
   masked kernels, and the MLP's monitor arm 1.21x -> 1.16x (A/B in one process, load 2-3).

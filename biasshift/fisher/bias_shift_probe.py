@@ -199,7 +199,7 @@ class _CenteredWoodbury:
     ``ŨŨᵀ = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d)``, ``K = X̃X̃ᵀ`` shared, ``v = X̃Ẽ``."""
 
     def __init__(self, X: Tensor, K: Tensor, d: Tensor, Et: Tensor, lam: Tensor,
-                 work: Workspace | None = None) -> None:
+                 work: Workspace) -> None:
         self.X, self.d, self.Et, self.lam = X, d, Et, lam
         v = Et @ X.T  # (B, P)
         # C = diag(d)(K − v1ᵀ − 1vᵀ + |Ẽ|²11ᵀ)diag(d) = (ddᵀ)∘K − z dᵀ − d zᵀ with
@@ -207,8 +207,7 @@ class _CenteredWoodbury:
         # rank-2 update (instead of five full-size temporaries)
         z = d * v - 0.5 * _dot(Et, Et).unsqueeze(-1) * d
         shape = (d.shape[0], K.shape[0], K.shape[1])
-        C = work.empty("woodbury", shape, K.dtype, K.device) if work is not None else \
-            K.new_empty(shape)
+        C = work.empty("woodbury", shape, K.dtype, K.device)  # kept between measurements
         torch.mul(K, d.unsqueeze(-1), out=C)
         C.mul_(d.unsqueeze(-2))
         C.baddbmm_(torch.stack([z, d], -1), torch.stack([d, z], -2), alpha=-1)
@@ -244,10 +243,7 @@ def _packed_gram(X: Tensor, W: Tensor, budget: int, mirror: bool = True,
     P, n = X.shape
     k = min(4, max(1, n // 32))
     edges = [round(i * n / k) for i in range(k + 1)]
-    if out is None:
-        A = X.new_empty(W.shape[0], n, n)
-    else:
-        A = out
+    A = X.new_empty(W.shape[0], n, n) if out is None else out
     if not mirror:
         A.zero_()
     for i in range(k):

@@ -336,20 +336,19 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     else:
         has_prior = prior_mean = None
         shift = torch.nan_to_num(shift.to(cd), 0.0, 0.0, 0.0)  # never the caller's tensor
-    for t in range(n_tiles):
-        start = t * step
-        part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
+    def tile(t: int, finite: bool) -> None:
+        part = x if n_tiles == 1 else x.narrow(split, t * step, min(step, n_split - t * step))
         _tile_sums_fused(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean, shift,
-                         finite=finite_first)
+                         finite=finite)
+
+    for t in range(n_tiles):
+        tile(t, finite_first)
     if finite_first:
-        # s1 + s2 of a tile is finite iff its values were (or an overflow: redone as well)
-        finite = torch.isfinite(sums[:, :2].sum((1, 2))).tolist()
-        for t, ok in enumerate(finite):
+        # s1 + s2 of a tile is finite iff its values were (or an overflow: redone as well);
+        # a read of CPU memory (finite_first is the default only where that waits for nothing)
+        for t, ok in enumerate(torch.isfinite(sums[:, :2].sum((1, 2))).tolist()):
             if not ok:
-                start = t * step
-                part = x if n_tiles == 1 else x.narrow(split, start, min(step, n_split - start))
-                _tile_sums_fused(part, unit_dim, cd, scratch, sums[t], has_prior, prior_mean,
-                                 shift)
+                tile(t, False)
     sums64 = sums.to(torch.float64)
     if n_tiles == 1:
         _merge_state_(state, _tile_state(sums64[0], float(rows)))
