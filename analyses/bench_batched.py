@@ -1,12 +1,13 @@
 """Per-model-step time of K runs trained as one stacked model (issue 16), against one run.
 
-For the paper's 8x128 MNIST classifier (Fig. 2) and the Fig. 3 autoencoder, at batch 64, this
-times training steps of the real code paths on a synthetic MNIST-shaped dataset:
+For the paper's 8x128 MNIST classifier (Fig. 2), the Fig. 3 autoencoder and the conv-activations
+preset's net (the 11-layer CIFAR net at 1/8 width on 28x28 inputs, no dropout), at batch 64,
+this times training steps of the real code paths on a synthetic MNIST-shaped dataset:
 
 * ``single``: :meth:`Trainer._train_epoch` of one run (``nn.Sequential`` + ``torch.optim.SGD``);
 * ``stacked`` (K = 1, 4, 20): :meth:`BatchedTrainer._train_epoch` of K runs, each member with its
   own activation (ELU, ReLU, LReLU, SReLU, a quarter each), seed, data order and lr; its forward and
-  backward are batched GEMMs (``baddbmm``/``bmm``);
+  backward are batched GEMMs (``baddbmm``/``bmm``) and, for the conv net, grouped convolutions;
 * ``vmap`` (K = 4, 20): K members as ``torch.func.vmap`` over ``functional_call`` and ``grad``
   (one activation for all members: vmap maps one function), next to ``stacked_elu``, the stack
   with that one activation, to choose bmm vs vmap like for like;
@@ -54,13 +55,34 @@ def dataset(n: int, device: str):
 def factory(net: str, act: str) -> nn.Module:
     from biasshift.models import autoencoder, paper_mlp
 
+    if net == "conv":  # the conv-activations preset's net: 11 layers at 1/8 width, 28x28
+        from biasshift.models import cifar_conv11
+
+        return cifar_conv11(act, num_classes=10, in_channels=1, width=1 / 8, pooled_stacks=4,
+                            dropout=False)
     return paper_mlp(act) if net == "mlp" else autoencoder(act)
 
 
 def step_flops(model: nn.Module, batch: int) -> float:
-    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    macs = sum(m.in_features * m.out_features for m in lins)
-    return 2.0 * batch * (3 * macs - lins[0].in_features * lins[0].out_features)
+    """Forward, input-gradient and weight-gradient FLOPs of one step (the first layer's input
+    gradient is not needed): multiply-adds of every Linear and convolution, traced on one
+    MNIST-shaped sample."""
+    macs: list[float] = []
+
+    def seen(name: str, m: nn.Module, inputs: Any, out: Tensor) -> None:
+        if isinstance(m, nn.Linear):
+            macs.append(m.in_features * m.out_features)
+        else:
+            per_out = m.weight[0].numel()  # (in / groups) * kernel
+            macs.append(out.numel() * per_out)
+
+    from biasshift.hooks import Trace
+
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    with torch.no_grad(), Trace(layers, forward=seen):
+        model(torch.zeros(1, 1, 28, 28))
+    return 2.0 * batch * (3 * sum(macs) - macs[0])
 
 
 def matmul_rate(device: torch.device, repeat: int = 5) -> float:
@@ -84,8 +106,8 @@ def sync(device: torch.device) -> None:
 def trainers(net: str, K: int, ds: Any, device: str, acts: tuple[str, ...] = ACTS) -> list:
     from biasshift.train import Trainer
 
-    loss = "cross_entropy" if net == "mlp" else "reconstruction"
-    lr = 0.01 if net == "mlp" else 1e-3
+    loss = "reconstruction" if net == "autoencoder" else "cross_entropy"
+    lr = 1e-3 if net == "autoencoder" else 0.01
     # members ordered by activation, as the runner orders the runs of an analysis
     return [Trainer(functools.partial(factory, net, acts[k * len(acts) // K]), ds, loss=loss,
                     lr=lr * (1 + 0.1 * k), seed=k, epochs=1, probe_size=0, device=device,
@@ -112,7 +134,7 @@ def vmap_step_fn(net: str, K: int, ds: Any, batch: int):
     models = [factory(net, "elu").to(ds.train_x.device) for _ in range(K)]
     params, _ = stack_module_state(models)
     base = models[0]
-    recon = net != "mlp"
+    recon = net == "autoencoder"
 
     def loss_fn(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(base, p, (x,))
@@ -254,7 +276,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--nets", default="mlp,autoencoder")
+    ap.add_argument("--nets", default="mlp,autoencoder,conv")
     ap.add_argument("--k", default="1,4,20", help="stack sizes")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30, help="steps per timed epoch")

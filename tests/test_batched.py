@@ -92,10 +92,16 @@ def test_initial_weights_and_data_order_are_the_single_runs(digits) -> None:
         assert torch.equal(bt.epoch_orders(3)[k], t.epoch_order(3))
 
 
-def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["mlp", "conv-bn"])
+def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) -> None:
+    """Also for conv nets with batch norm, whose running statistics live in the stack."""
+    def model(a: str) -> Any:
+        return (functools.partial(net, a) if kind == "mlp"
+                else functools.partial(small_conv, a, True, 2))
+
     def members(root):
-        return [make(digits, a, s, lr, epochs=3, checkpoint_dir=root / f"{a}-{s}")
-                for a, s, lr in MEMBERS[:3]]
+        return [make(digits, a, s, lr, epochs=3, checkpoint_dir=root / f"{a}-{s}",
+                     model=model(a)) for a, s, lr in MEMBERS[:3]]
 
     ref = BatchedTrainer(members(tmp_path / "ref"), checkpoint_dir=tmp_path / "ref",
                          checkpoint_every=2)
@@ -124,12 +130,13 @@ def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch) -> Non
     again.fit(resume=True)
     assert again.resumed_from == (1, 64)  # epoch 1 done, 2nd save of epoch 2 at sample 64
     for a, b in zip(ref.trainers, again.trainers):
-        for p, q in zip(a.model.parameters(), b.model.parameters()):
+        for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()):
             assert torch.equal(p, q)
         pd.testing.assert_frame_equal(a.history, b.history)
         assert a.step == b.step
     # each member's own checkpoint is a single-run one: the single Trainer resumes it
-    single = make(digits, "elu", 1, 0.05, epochs=4, checkpoint_dir=root / "elu-1")
+    single = make(digits, "elu", 1, 0.05, epochs=4, checkpoint_dir=root / "elu-1",
+                  model=model("elu"))
     single.fit(resume=True)
     assert single.resumed_from == 3 and single.epoch == 4
 
@@ -193,8 +200,15 @@ def test_memory_from_a_budget(digits) -> None:
 
 def test_stackable_and_batchable_name_the_problem(digits) -> None:
     assert stackable(net("elu")) is None
-    assert "container" in (stackable(nn.Sequential(nn.Sequential(nn.Linear(2, 2)))) or "")
-    assert "Conv2d" in (stackable(nn.Sequential(nn.Conv2d(1, 1, 1))) or "")
+    # nested nn.Sequential and convolutions stack; other containers, padding modes and
+    # modules that mix channels are refused with the module's name
+    assert stackable(nn.Sequential(nn.Sequential(nn.Linear(2, 2)))) is None
+    assert stackable(nn.Sequential(nn.Conv2d(1, 1, 1))) is None
+    assert "container" in (stackable(nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]))) or "")
+    why = stackable(nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 3, padding_mode="reflect"))))
+    assert why is not None and "'0.0'" in why and "reflect" in why
+    from biasshift.models.conv import SpatialPyramidPool
+    assert "SpatialPyramidPool" in (stackable(nn.Sequential(SpatialPyramidPool())) or "")
     t = make(digits, "elu", 1, 0.1, optimizer=lambda m: torch.optim.Adam(m.parameters()))
     assert "Adam" in (batchable(t) or "")
     with pytest.raises(ValueError, match=r"cannot be stacked.*Adam"):
@@ -305,3 +319,169 @@ def test_bce_reconstruction_members_are_refused(digits) -> None:
         BatchedTrainer([bce, make(digits, "relu", 1, 1e-3, model=functools.partial(ae, "relu"),
                                   loss="reconstruction", reconstruction_loss="bce",
                                   reconstruction_logits=True)])
+
+
+# ---------------------------------------------------------------- conv nets (channel layout)
+def small_conv(act: str, batch_norm: bool = False, pooled_stacks: int = 3) -> nn.Module:
+    """The paper's 11-layer net at 1/16 width on 8x8 digits (3 pooled stacks), no dropout."""
+    from biasshift.models import cifar_conv11
+
+    return cifar_conv11(act, num_classes=10, in_channels=1, width=1 / 16,
+                        pooled_stacks=pooled_stacks, dropout=False, batch_norm=batch_norm)
+
+
+def odd_conv(act: str) -> nn.Module:
+    """Every stacked layer kind once: grouped, strided and dilated convolutions, zero padding,
+    batch norm in 2-d and 1-d (no bias before it: its gradient is exactly 0, and rounding noise),
+    pooling, flatten, linear layers, and dropout at rate 0."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), make_act(act),
+        nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 6, 2, stride=2, groups=2),
+                      make_act(act), nn.Dropout(0.0)),
+        nn.Conv2d(6, 6, 3, padding=2, dilation=2, bias=False), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 7, bias=False), nn.BatchNorm1d(7),
+        make_act(act), nn.Linear(7, 3))
+
+
+def make_act(act: str) -> nn.Module:
+    from biasshift.activations import make_activation
+
+    return make_activation(act)
+
+
+@pytest.mark.parametrize("build", [odd_conv, small_conv,
+                                   functools.partial(small_conv, batch_norm=True)],
+                         ids=["every-layer", "conv11", "conv11-bn"])
+def test_conv_stack_forward_and_gradients_equal_each_member(build) -> None:
+    """Each member of a stacked conv net, on its own batch, gives its own model's output and
+    the gradient of its own loss (autograd on the member alone), in training mode (batch
+    norm on batch statistics) and in eval mode (on running statistics, shared batch).  In
+    float64: batch norm over 1x1 maps of 6 samples amplifies float32 rounding to 1e-4."""
+    torch.manual_seed(0)
+    acts = ["elu", "relu", "srelu", "srelu", "lrelu"]
+    models = [build(a).double() for a in acts]
+    stack = StackedSequential(models)
+    K = len(models)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(K, 6, 1, 8, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(K, 6, 10 if build is not odd_conv else 3, generator=g, dtype=torch.float64)
+    out = stack(x)
+    (out * w).sum().backward()
+    names = [n for n, _ in models[0].named_parameters()]
+    for k, m in enumerate(models):
+        ref = m(x[k])
+        torch.testing.assert_close(out[k], ref, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad((ref * w[k]).sum(), list(m.parameters()))
+        view = stack.member(k)
+        for name, gr in zip(names, grads):
+            # the stack's gradient, read through the member view's parameter of that name
+            vp = dict(view.named_parameters())[name]
+            sp = next(p for p in stack.parameters()
+                      if p.data.untyped_storage().data_ptr() == vp.untyped_storage().data_ptr())
+            got = sp.grad[k]
+            got = got.T if got.shape != gr.shape else got
+            torch.testing.assert_close(got, gr, rtol=1e-9, atol=1e-11)
+        # the running statistics advanced exactly as the member's own batch norm did
+        for (n, a), b in zip(m.named_buffers(), view.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=n)
+    stack.eval()
+    shared = stack.forward_shared(x[0])
+    for k, m in enumerate(models):
+        m.eval()
+        torch.testing.assert_close(shared[k], m(x[0]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stack.member(k)(x[0]), m(x[0]), rtol=1e-10, atol=1e-12)
+    # a member fed NaN (a diverged run) reaches no other member: groups and channels of the
+    # convolutions and batch norms never mix members
+    bad = x.clone()
+    bad[2] = float("nan")
+    stack.train()
+    stack.zero_grad()
+    out = stack(bad)
+    (out * w).sum().backward()
+    others = [k for k in range(K) if k != 2]
+    assert torch.isfinite(out[others]).all() and torch.isnan(out[2]).all()
+    for p in stack.parameters():
+        assert torch.isfinite(p.grad[others]).all()
+
+
+def test_conv_members_equal_their_single_runs(digits) -> None:
+    """A stack of conv nets with batch norm trained by BatchedTrainer equals the single runs:
+    weights, batch-norm statistics, history and probe statistics.  Not ReLU: a ReLU+BN single
+    run is itself chaotic at rounding level here (a channel whose inputs all died is a
+    constant that batch norm divides by sqrt(eps); a 1-ulp change of one initial weight moves
+    the weights by 0.07 in 10 steps), which the float64 test above covers."""
+    runs = [("elu", 1, 0.05), ("lrelu", 2, 0.02), ("srelu", 3, 0.05)]
+
+    def build(a: str) -> functools.partial[nn.Module]:
+        return functools.partial(small_conv, a, True, 2)
+
+    singles = [make(digits, a, s, lr, model=build(a), epochs=1) for a, s, lr in runs]
+    for t in singles:
+        t.fit()
+    bt = BatchedTrainer([make(digits, a, s, lr, model=build(a), epochs=1) for a, s, lr in runs])
+    bt.fit()
+    for single, member in zip(singles, bt.trainers):
+        _compare(single, member, rtol=1e-4, atol=1e-5)
+        for (n, a), b in zip(single.model.named_buffers(), member.model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=n)
+        layer = next(iter(single.last_probe.mean))
+        torch.testing.assert_close(member.last_probe.mean[layer],
+                                   single.last_probe.mean[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_conv_memory_estimate_bounds_a_stacked_step() -> None:
+    """``member_bytes`` sizes a conv member from a meta-device trace (``input_shape`` is
+    required and named when missing) and bounds what a stacked step holds."""
+    model = small_conv("elu", batch_norm=True)
+    with pytest.raises(ValueError, match="input_shape"):
+        member_bytes(model, batch_size=16, eval_batch_size=64)
+    per = member_bytes(model, batch_size=16, eval_batch_size=64, input_shape=(1, 8, 8))
+    K = 4
+    stack = StackedSequential([small_conv(a, batch_norm=True) for a in ACTS])
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(K, 16, 1, 8, 8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stack(x)
+    out.square().sum().backward()
+    params = sum(p.numel() * p.element_size() for p in stack.parameters())
+    used = 2 * params + sum(saved) + out.numel() * out.element_size()
+    assert used <= K * per, (used, K * per)
+    assert K * per <= 6 * used
+
+
+def test_conv_nets_are_stacked_on_the_cpu_only_when_asked(monkeypatch) -> None:
+    """``--batch-runs auto`` leaves conv nets alone on the CPU (grouped convolutions are
+    slower there); an explicit K stacks them."""
+    from biasshift.reproduce import resolve_settings
+    from biasshift.reproduce.registry import get_analysis
+    from biasshift.reproduce.runner import plan_stacks
+
+    a = get_analysis("activation-median")
+    monkeypatch.setattr(a, "build_model", lambda spec, ds: small_conv(spec.activation))
+    ds = load_dataset("digits")
+    for cap, sizes in ((None, [1] * 8), (4, [4, 4])):
+        s = resolve_settings("activation-median", quick=True, seeds=2, batch_runs=cap, jobs=1)
+        assert [len(u) for u in plan_stacks(a, a.run_specs(s), s, ds)] == sizes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_conv_stack_equals_members_on_cuda() -> None:
+    """On CUDA (cuDNN's grouped convolutions): outputs and gradients of a stacked conv net
+    with batch norm equal each member's own, in float32."""
+    torch.manual_seed(0)
+    models = [small_conv(a, True, 2).cuda() for a in ("elu", "relu", "srelu", "lrelu")]
+    stack = StackedSequential(models)
+    x = torch.randn(4, 16, 1, 8, 8, device="cuda")
+    out = stack(x)
+    out.square().sum().backward()
+    for k, m in enumerate(models):
+        ref = m(x[k])
+        torch.testing.assert_close(out[k], ref, rtol=1e-4, atol=1e-4)
+        grads = torch.autograd.grad(ref.square().sum(), list(m.parameters()))
+        for sp, gr in zip(stack.parameters(), grads):
+            torch.testing.assert_close(sp.grad[k], gr, rtol=1e-3, atol=1e-3)

@@ -29,6 +29,15 @@ def test_bench_batched_cpu_tiny(tmp_path) -> None:
     assert (tmp_path / "b.json").exists()
 
 
+def test_bench_batched_conv_tiny() -> None:
+    mod = _module()
+    res = mod.main(["--nets", "conv", "--k", "2", "--steps", "1", "--repeat", "1", "--no-vmap"])
+    rows = res["nets"]["conv"]["rows"]
+    assert set(rows) == {"single", "stacked_K2"}
+    # 11 convolutions of the 1/8-width net on 28x28: about 0.25 GFLOP forward per 64 samples
+    assert 0.3 < res["nets"]["conv"]["gflop_per_step"] < 3
+
+
 def test_capture_needs_cuda() -> None:
     mod = _module()
     with pytest.raises(SystemExit):

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from biasshift._names import unknown_name_error
 from biasshift.activations import activation_names, is_activation_name
@@ -750,8 +751,9 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     (:func:`~biasshift.models.stacked.stackable`).  ``settings.batch_runs``: ``1`` = every run
     alone (today's path), ``K`` = stacks of at most ``K``, ``0`` = automatic: as many runs as
     fit a quarter of the free memory (:func:`~biasshift.train.batched.member_bytes`), spread
-    over ``jobs`` stacks.  Runs whose folder already holds work are resumed alone unless they
-    all stand in one stack's checkpoint.
+    over ``jobs`` stacks; conv nets only on CUDA (on the CPU grouped convolutions are slower
+    than one run after another, so ``0`` leaves them alone there).  Runs whose folder already
+    holds work are resumed alone unless they all stand in one stack's checkpoint.
     """
     from biasshift.models.stacked import stackable
     from biasshift.train.batched import member_bytes, stack_size
@@ -775,7 +777,13 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
             units += [[s] for s in group]
             continue
         if cap == 0:
-            per = member_bytes(model, group[0].batch_size, 4096)
+            if _has_conv(model) and torch.device(settings.device).type != "cuda":
+                # grouped convolutions are slower than K ungrouped ones on the CPU
+                # (analyses/bench_batched.py --nets conv): stack conv nets only on request
+                units += [[s] for s in group]
+                continue
+            per = member_bytes(model, group[0].batch_size, 4096,
+                               input_shape=tuple(dataset.train_x.shape[1:]))
             k = stack_size(_memory_budget(settings.device), per, len(group))
             k = min(k, math.ceil(len(group) / max(1, settings.jobs)))
         else:
@@ -783,6 +791,10 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
         units += [group[i:i + k] for i in range(0, len(group), k)]
     order = {s.run: i for i, s in enumerate(specs)}
     return sorted(units, key=lambda u: order[u[0].run])
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def _stack_dir(work_dir: Path, specs: Sequence[RunSpec]) -> Path:

@@ -46,6 +46,7 @@ Memory
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -90,19 +91,54 @@ def batchable(trainer: Trainer) -> str | None:
 
 
 def member_bytes(model: nn.Module, batch_size: int, eval_batch_size: int,
-                 itemsize: int = 4) -> int:
+                 itemsize: int = 4, *, input_shape: Sequence[int] | None = None) -> int:
     """Bytes one member adds to a stack: parameters, gradients and the update temporary (3 per
-    weight), per ``nn.Linear`` the input and output kept for the backward pass at the training
-    batch (plus their gradients), and the two widest outputs of an evaluation chunk (without
-    gradients only consecutive layers' outputs are alive)."""
+    weight), the activations kept for the backward pass at the training batch (per
+    ``nn.Linear`` or convolution its input and output and their gradients, per other layer
+    its output) and the two widest outputs of an evaluation chunk (without gradients only
+    consecutive layers' outputs are alive).
+
+    ``input_shape``: one sample's shape, e.g. ``(1, 28, 28)``; needed when the model has
+    layers other than ``nn.Linear`` with parameters or buffers (convolutions, batch norm),
+    whose output sizes are then traced on the meta device (no memory, no compute)."""
     params = sum(p.numel() for p in model.parameters())
     act = 0
     widest = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            act += batch_size * (m.in_features + 3 * m.out_features)
-            widest = max(widest, m.out_features)
+    shaped = [m for m in model.modules() if not isinstance(m, (nn.Linear, nn.Sequential))
+              and (any(True for _ in m.parameters(recurse=False))
+                   or any(True for _ in m.buffers(recurse=False)))]
+    if not shaped:
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                act += batch_size * (m.in_features + 3 * m.out_features)
+                widest = max(widest, m.out_features)
+        return int((3 * params + act + 2 * eval_batch_size * widest) * itemsize)
+    if input_shape is None:
+        raise ValueError(f"member_bytes: the model has {type(shaped[0]).__name__} layers; pass "
+                         "input_shape= (one sample's shape, e.g. (1, 28, 28)) so that their "
+                         "activations can be sized")
+    for numel_in, numel_out, weighted in _leaf_sizes(model, tuple(input_shape)):
+        act += batch_size * ((numel_in + 3 * numel_out) if weighted else numel_out)
+        widest = max(widest, numel_out)
     return int((3 * params + act + 2 * eval_batch_size * widest) * itemsize)
+
+
+def _leaf_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """``(input numel, output numel, has weights)`` per sample of every leaf module, in call
+    order, from a forward of one sample on a meta-device copy."""
+    from biasshift.hooks import Trace
+
+    meta = copy.deepcopy(model).to("meta").eval()  # one sample: batch norm in eval mode
+    leaves = {n: m for n, m in meta.named_modules() if not any(True for _ in m.children())}
+    sizes: list[tuple[int, int, bool]] = []
+
+    def seen(name: str, m: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        weighted = isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        sizes.append((inputs[0].numel(), out.numel(), weighted))
+
+    with torch.no_grad(), Trace(leaves, forward=seen):
+        meta(torch.empty((1, *input_shape), device="meta"))
+    return sizes
 
 
 def stack_size(budget: int, per_member: int, runs: int) -> int:
