@@ -170,6 +170,22 @@ def test_a_diverging_member_is_isolated(digits) -> None:
         _compare(singles[i], bt.trainers[i])
 
 
+def stacked_step_bytes(stack: nn.Module, x: torch.Tensor) -> int:
+    """What one stacked step really holds: parameters, gradients, every tensor autograd saves
+    for the backward pass, and the output."""
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stack(x)
+    out.square().sum().backward()
+    params = sum(p.numel() * p.element_size() for p in stack.parameters())
+    return 2 * params + sum(saved) + out.numel() * out.element_size()
+
+
 def test_memory_from_a_budget(digits) -> None:
     model = net("elu")
     per = member_bytes(model, batch_size=16, eval_batch_size=64)
@@ -182,18 +198,7 @@ def test_memory_from_a_budget(digits) -> None:
     # tensor autograd saves for the backward pass
     K = 6
     stack = StackedSequential([net(a) for a in ("elu", "relu", "lrelu", "srelu", "elu", "elu")])
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    x = torch.randn(K, 16, 64)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = stack(x)
-    out.square().sum().backward()
-    params = sum(p.numel() * p.element_size() for p in stack.parameters())
-    used = 2 * params + sum(saved) + out.numel() * out.element_size()
+    used = stacked_step_bytes(stack, torch.randn(K, 16, 64))
     assert used <= K * per, (used, K * per)
     assert K * per <= 4 * used  # and is not absurdly loose
 
@@ -438,18 +443,7 @@ def test_conv_memory_estimate_bounds_a_stacked_step() -> None:
     per = member_bytes(model, batch_size=16, eval_batch_size=64, input_shape=(1, 8, 8))
     K = 4
     stack = StackedSequential([small_conv(a, batch_norm=True) for a in ACTS])
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    x = torch.randn(K, 16, 1, 8, 8)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = stack(x)
-    out.square().sum().backward()
-    params = sum(p.numel() * p.element_size() for p in stack.parameters())
-    used = 2 * params + sum(saved) + out.numel() * out.element_size()
+    used = stacked_step_bytes(stack, torch.randn(K, 16, 1, 8, 8))
     assert used <= K * per, (used, K * per)
     assert K * per <= 6 * used
 
