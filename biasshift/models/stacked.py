@@ -125,8 +125,6 @@ class StackedLinear(nn.Module):
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
-
-
 class StackedConv(nn.Module):
     """``K`` ``nn.Conv1d/2d/3d`` layers of one configuration as one grouped convolution.
 
@@ -210,8 +208,8 @@ class StackedBatchNorm(nn.Module):
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+            if self.momentum is None:  # cumulative average (a host read, as in torch's own)
+                factor = 1.0 / float(self.num_batches_tracked)
         use_batch = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return F.batch_norm(
@@ -457,7 +455,7 @@ class StackedSequential(nn.Module):
             return layer(x, layout), MEMBER
         if isinstance(layer, StackedElementwise):
             return layer(x, layout), layout
-        need = MEMBER if isinstance(layer, StackedLinear) else CHANNEL
+        need = getattr(layer, "layout", CHANNEL)  # pooling and padding: the channel layout
         if need != layout:
             x = to_channel(x, self.K) if need == CHANNEL else to_member(x, self.K)
         return layer(x), need

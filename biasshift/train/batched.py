@@ -104,7 +104,7 @@ def member_bytes(model: nn.Module, batch_size: int, eval_batch_size: int,
     params = sum(p.numel() for p in model.parameters())
     act = 0
     widest = 0
-    shaped = [m for m in model.modules() if not isinstance(m, (nn.Linear, nn.Sequential))
+    shaped = [m for m in model.modules() if not isinstance(m, nn.Linear)
               and (any(True for _ in m.parameters(recurse=False))
                    or any(True for _ in m.buffers(recurse=False)))]
     if not shaped:
