@@ -141,6 +141,23 @@ def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) 
     assert single.resumed_from == 3 and single.epoch == 4
 
 
+def test_a_member_checkpoint_holds_only_its_member(digits, tmp_path) -> None:
+    """Member views share the stack's storage; torch.save would write the whole stack into
+    every member's checkpoint (K times the bytes). Each one must be the single run's size."""
+    wide = functools.partial(mlp, 64, [96, 96], 10, "elu")
+    single = make(digits, "elu", 1, 0.05, epochs=1, model=wide, checkpoint_dir=tmp_path / "s")
+    single.fit()
+    bt = BatchedTrainer([make(digits, "elu", s, 0.05, epochs=1, model=wide,
+                              checkpoint_dir=tmp_path / f"m{s}") for s in range(6)],
+                        checkpoint_dir=tmp_path / "stack")
+    bt.fit()
+    one = (tmp_path / "s" / "checkpoint.pt").stat().st_size
+    for s in range(6):
+        assert (tmp_path / f"m{s}" / "checkpoint.pt").stat().st_size < 1.1 * one
+    # the stack's own checkpoint holds every member once
+    assert (tmp_path / "stack" / "stack.pt").stat().st_size < 6.6 * one
+
+
 def test_a_diverging_member_is_isolated(digits) -> None:
     runs = [("elu", 1, 0.05), ("lrelu", 2, 1e3), ("srelu", 3, 0.05)]
     singles = [make(digits, a, s, lr, epochs=3) for a, s, lr in runs]

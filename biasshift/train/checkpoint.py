@@ -52,11 +52,28 @@ def data_fingerprint(dataset: ArrayDataset, samples: int = 8) -> str:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Save ``state`` to ``path`` atomically (temporary file + :func:`os.replace`)."""
+    """Save ``state`` to ``path`` atomically (temporary file + :func:`os.replace`).
+
+    A tensor that is a view of a larger storage (a member of a stacked model holds views of
+    the stack's parameters) is saved as a copy of its own elements: :func:`torch.save` would
+    otherwise write the whole storage, and a member's checkpoint would hold every member."""
     path = Path(path)
     with atomic_open(path, "wb") as fh:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+        torch.save(_compact({"format": CHECKPOINT_FORMAT, **state}), fh)
     return path
+
+
+def _compact(obj: Any) -> Any:
+    """``obj`` with every tensor that views a larger storage replaced by a copy of itself."""
+    if isinstance(obj, torch.Tensor):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike[str],
