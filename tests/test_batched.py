@@ -16,6 +16,7 @@ from biasshift.models import autoencoder, mlp
 from biasshift.models.stacked import StackedSequential, stackable
 from biasshift.train import Trainer
 from biasshift.train.batched import BatchedTrainer, batchable, member_bytes, stack_size
+from biasshift.train.checkpoint import load_checkpoint
 
 ACTS = ("elu", "relu", "lrelu", "srelu")
 
@@ -67,6 +68,49 @@ def test_members_equal_their_single_runs(digits) -> None:
                                    single.last_probe.mean["act2"], rtol=1e-4, atol=1e-5)
 
 
+def sgd(**hp: Any) -> Any:
+    """An optimizer factory: ``torch.optim.SGD`` at the trainer's lr (passed as ``lr``)."""
+    return lambda lr: (lambda m: torch.optim.SGD(m.parameters(), lr=lr, **hp))
+
+
+# every combination torch.optim.SGD allows, and a plain member beside them
+SGD_MEMBERS = [("elu", 1, 0.05, dict(momentum=0.9, weight_decay=5e-4)),
+               ("relu", 2, 0.02, dict(momentum=0.9, nesterov=True)),
+               ("lrelu", 3, 0.05, dict(momentum=0.5, dampening=0.3, weight_decay=1e-2)),
+               ("srelu", 4, 0.1, {}),
+               ("elu", 5, 0.01, dict(weight_decay=1e-3))]
+
+
+def test_momentum_and_weight_decay_members_equal_their_single_runs(digits, tmp_path) -> None:
+    """Each member keeps its own SGD hyperparameters; its momentum buffers are in its own
+    optimizer's state (a single-run checkpoint), and equal the single run's."""
+    singles = [make(digits, a, s, lr, optimizer=sgd(**hp)(lr)) for a, s, lr, hp in SGD_MEMBERS]
+    for t in singles:
+        t.fit()
+    bt = BatchedTrainer([make(digits, a, s, lr, optimizer=sgd(**hp)(lr),
+                              checkpoint_dir=tmp_path / f"{a}-{s}")
+                         for a, s, lr, hp in SGD_MEMBERS])
+    bt.fit()
+    for single, member in zip(singles, bt.trainers):
+        _compare(single, member)
+        a, b = single.optimizer.state_dict(), member.optimizer.state_dict()
+        assert a["param_groups"] == b["param_groups"]
+        assert a["state"].keys() == b["state"].keys()
+        for i in a["state"]:
+            torch.testing.assert_close(b["state"][i]["momentum_buffer"],
+                                       a["state"][i]["momentum_buffer"], rtol=2e-5, atol=1e-6)
+    # the plain member and the decay-only member have no buffers, as in their single runs
+    assert not bt.trainers[3].optimizer.state_dict()["state"]
+    # a member's checkpoint resumes in the single-run Trainer with its momentum
+    a, s, lr, hp = SGD_MEMBERS[0]
+    single = make(digits, a, s, lr, optimizer=sgd(**hp)(lr), epochs=3,
+                  checkpoint_dir=tmp_path / f"{a}-{s}")
+    single.fit(resume=True)
+    ref = make(digits, a, s, lr, optimizer=sgd(**hp)(lr), epochs=3)
+    ref.fit()
+    _compare(ref, single)
+
+
 def test_autoencoder_members_equal_single_runs(digits) -> None:
     def ae(act: str) -> nn.Module:
         return autoencoder(act, in_features=64, encoder=(24, 12, 6))
@@ -92,16 +136,20 @@ def test_initial_weights_and_data_order_are_the_single_runs(digits) -> None:
         assert torch.equal(bt.epoch_orders(3)[k], t.epoch_order(3))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv-bn"])
+@pytest.mark.parametrize("kind", ["mlp", "conv-bn", "mlp-momentum"])
 def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) -> None:
-    """Also for conv nets with batch norm, whose running statistics live in the stack."""
+    """Also for conv nets with batch norm, whose running statistics live in the stack, and for
+    members with momentum, whose buffers do."""
     def model(a: str) -> Any:
-        return (functools.partial(net, a) if kind == "mlp"
-                else functools.partial(small_conv, a, True, 2))
+        return (functools.partial(small_conv, a, True, 2) if kind == "conv-bn"
+                else functools.partial(net, a))
+
+    def opt(i: int, lr: float) -> dict[str, Any]:
+        return {"optimizer": sgd(**SGD_MEMBERS[i][3])(lr)} if kind == "mlp-momentum" else {}
 
     def members(root):
         return [make(digits, a, s, lr, epochs=3, checkpoint_dir=root / f"{a}-{s}",
-                     model=model(a)) for a, s, lr in MEMBERS[:3]]
+                     model=model(a), **opt(i, lr)) for i, (a, s, lr) in enumerate(MEMBERS[:3])]
 
     ref = BatchedTrainer(members(tmp_path / "ref"), checkpoint_dir=tmp_path / "ref",
                          checkpoint_every=2)
@@ -135,8 +183,13 @@ def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) 
         pd.testing.assert_frame_equal(a.history, b.history)
         assert a.step == b.step
     # each member's own checkpoint is a single-run one: the single Trainer resumes it
+    saved = load_checkpoint(root / "elu-1" / "checkpoint.pt")["optimizer"]["state"]
+    kept = again.trainers[0].optimizer.state_dict()["state"]
+    assert saved.keys() == kept.keys() and (kind != "mlp-momentum" or saved)
+    for i in saved:
+        assert torch.equal(saved[i]["momentum_buffer"], kept[i]["momentum_buffer"])
     single = make(digits, "elu", 1, 0.05, epochs=4, checkpoint_dir=root / "elu-1",
-                  model=model("elu"))
+                  model=model("elu"), **opt(0, 0.05))
     single.fit(resume=True)
     assert single.resumed_from == 3 and single.epoch == 4
 
@@ -158,13 +211,18 @@ def test_a_member_checkpoint_holds_only_its_member(digits, tmp_path) -> None:
     assert (tmp_path / "stack" / "stack.pt").stat().st_size < 6.6 * one
 
 
-def test_a_diverging_member_is_isolated(digits) -> None:
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_diverging_member_is_isolated(digits, momentum) -> None:
+    """Also with momentum: the frozen member's NaN buffers never reach its weights."""
     runs = [("elu", 1, 0.05), ("lrelu", 2, 1e3), ("srelu", 3, 0.05)]
-    singles = [make(digits, a, s, lr, epochs=3) for a, s, lr in runs]
+    def opt(lr: float) -> dict[str, Any]:
+        return {"optimizer": sgd(momentum=momentum)(lr)} if momentum else {}
+
+    singles = [make(digits, a, s, lr, epochs=3, **opt(lr)) for a, s, lr in runs]
     for t in singles:
         t.fit()
     assert singles[1].diverged and not singles[0].diverged
-    bt = BatchedTrainer([make(digits, a, s, lr, epochs=3) for a, s, lr in runs])
+    bt = BatchedTrainer([make(digits, a, s, lr, epochs=3, **opt(lr)) for a, s, lr in runs])
     frozen: dict[str, torch.Tensor] = {}
     orig = bt._record
 

@@ -11,9 +11,11 @@ What stays exactly as in the single run
       generator seeded with ``derive_seed(seed, "init")``) and copied into the stack;
     * data order: member ``k``'s epoch ``e`` uses its own permutation
       (:meth:`Trainer.epoch_order`, seeded with ``derive_seed(seed_k, "data", e)``);
-    * the update: plain SGD, ``w_k ← w_k − lr_k ∇_k loss_k`` with the member's own ``lr_k``; the
-      gradient of ``Σ_k loss_k`` with respect to member ``k``'s weights is the gradient of
-      ``loss_k`` alone, since member ``k``'s output depends on nothing else;
+    * the update: ``torch.optim.SGD`` with the member's own ``lr``, momentum, dampening,
+      Nesterov and weight decay (:class:`_StackedSGD`; the momentum buffers are in the
+      member's optimizer state, as in its single run); the gradient of ``Σ_k loss_k`` with
+      respect to member ``k``'s weights is the gradient of ``loss_k`` alone, since member
+      ``k``'s output depends on nothing else;
     * per-epoch evaluation (whole train/test losses and accuracies, from one batched forward of
       every member on the shared data), probe statistics (:func:`probe_statistics` on the
       member's own view, :meth:`StackedSequential.member`), the tidy history rows with the
@@ -82,11 +84,12 @@ def batchable(trainer: Trainer) -> str | None:
                 "the summed squared error of the model's output only")
     opt = trainer.optimizer
     if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
-        return f"its optimizer is {type(opt).__name__}, not the default plain SGD"
+        return f"its optimizer is {type(opt).__name__}, not torch.optim.SGD with one group"
     g = opt.param_groups[0]
-    if g.get("momentum", 0) or g.get("weight_decay", 0) or g.get("nesterov", False) \
-            or g.get("lr") != trainer.lr:
-        return "its SGD has momentum, weight decay or another lr than the trainer's"
+    if g.get("maximize", False) or g.get("differentiable", False):
+        return "its SGD maximizes or is differentiable"
+    if g.get("lr") != trainer.lr:
+        return f"its SGD's lr {g.get('lr')!r} is not the trainer's lr {trainer.lr!r}"
     return None
 
 
@@ -153,7 +156,8 @@ class BatchedTrainer:
 
     Args:
         trainers: the members, built as for single runs (same dataset, loss, batch size, epochs,
-            device, evaluation and probe settings; default SGD optimizer, no plug-ins); each
+            device, evaluation and probe settings; ``torch.optim.SGD`` with one parameter group,
+            any momentum and weight decay; no plug-ins); each
             keeps its own seed, lr, run name and checkpoint folder.  :meth:`fit` trains them and
             leaves each in the state its own :meth:`Trainer.fit` would (``epoch``, ``step``,
             ``diverged``, ``history``, ``last_probe``, checkpoint files).
@@ -211,11 +215,15 @@ class BatchedTrainer:
         self.stack = StackedSequential([t.model for t in trainers]).to(self.device)
         for k, t in enumerate(trainers):
             t.model = self.stack.member(k)
-            t.optimizer = torch.optim.SGD(t.model.parameters(), lr=t.lr)
+            g = t.optimizer.param_groups[0]
+            t.optimizer = torch.optim.SGD(
+                t.model.parameters(), lr=t.lr, momentum=g["momentum"],
+                dampening=g["dampening"], weight_decay=g["weight_decay"],
+                nesterov=g["nesterov"])
             if t.probe_x is not None and k > 0:
                 t.probe_x = t0.probe_x  # one copy of the shared probe subset
             t.dataset = self.dataset
-        self.lr = torch.tensor([t.lr for t in trainers], device=self.device)
+        self._sgd = _StackedSGD(self.stack, trainers, self.device)
         self.epoch = 0  # epochs completed by the stack
         self.resumed_from: tuple[int, int] | None = None  # (epoch, next sample) of a resume
         self._fitted = False
@@ -255,6 +263,7 @@ class BatchedTrainer:
                                       f"{runs!r}; use another checkpoint_dir or start afresh")
             for t, s in zip(self.trainers, state["members"]):
                 t.load_state_dict(s)
+            self._sgd.adopt()
             self.epoch = int(state["epoch"])
             return state["position"]
         found = [t.checkpoint_path is not None and t.checkpoint_path.exists()
@@ -274,6 +283,7 @@ class BatchedTrainer:
         for t, s in zip(self.trainers, states):
             assert s is not None
             t.load_state_dict(s)
+        self._sgd.adopt()
         live = [int(s["epoch"]) for s in states if s is not None and not s["diverged"]]
         self.epoch = max(live) if live else max(epochs)
         return None
@@ -296,24 +306,10 @@ class BatchedTrainer:
                              f"{tuple(out.shape)}")
         return (out - target).square().sum((1, 2)) / B
 
-    @torch.no_grad()
     def _sgd_step(self, active: list[bool]) -> None:
-        """``w_k ← w_k − lr_k g_k`` for the active members; frozen members are left as they are
-        (their gradient masked, so NaN/Inf never reach their weights)."""
-        neg = -self.lr
-        mask = None
-        if not all(active):
-            mask = torch.tensor(active, device=self.device)
-            neg = torch.where(mask, neg, torch.zeros_like(neg))
-        for p in self.stack.parameters():
-            if p.grad is None:
-                continue
-            shape = (self.K,) + (1,) * (p.ndim - 1)
-            g = p.grad
-            if mask is not None:
-                g = torch.where(mask.reshape(shape), g, torch.zeros((), dtype=g.dtype,
-                                                                      device=g.device))
-            p.addcmul_(g, neg.reshape(shape).to(p.dtype))
+        """One SGD step of every active member with its own hyperparameters (frozen members are
+        left as they are; see :class:`_StackedSGD`)."""
+        self._sgd.step(active)
 
     def epoch_orders(self, epoch: int) -> Tensor:
         """``(K, n)``: every member's permutation of the training set in ``epoch``."""
@@ -477,3 +473,139 @@ class BatchedTrainer:
             t._flush_logs(final=True)
             if t.checkpoint_dir is not None:
                 write_csv(t.history, t.checkpoint_dir / HISTORY_NAME)
+
+
+class _StackedSGD:
+    r"""``torch.optim.SGD`` for every member of a stack at once, each with its own ``lr``,
+    ``momentum``, ``dampening``, ``weight_decay`` and ``nesterov`` (the members' optimizers'
+    ``param_groups[0]``, read at every step, so that an lr schedule a plug-in sets on a
+    member's optimizer takes effect as in its single run).  With ``d = g + wd·w``::
+
+        b ← d (the member's first step),  b ← μ b + (1 − τ) d (later),
+        d ← d + μ b (nesterov) or b,       w ← w − lr · d,
+
+    per member, as :class:`torch.optim.SGD` does (``μ = 0``: no buffer).  The momentum buffers
+    live in one ``(K, ...)`` tensor per stacked parameter; each member's optimizer holds views
+    of its slices as its ``state[p]["momentum_buffer"]``, so a member's checkpoint is a
+    single-run one, and :meth:`adopt` takes the buffers back from the members' optimizers
+    after they loaded a checkpoint.  Frozen (inactive) members keep their weights and buffers:
+    their updates are selected away, so NaN or Inf in them never spreads.
+    """
+
+    def __init__(self, stack: StackedSequential, trainers: Sequence[Trainer],
+                 device: torch.device) -> None:
+        self.stack, self.trainers, self.device = stack, list(trainers), device
+        self.K = len(self.trainers)
+        self.params = [p for p in stack.parameters()]
+        groups = [t.optimizer.param_groups[0] for t in self.trainers]
+        self._hp = {k: [float(g[k]) for g in groups]
+                    for k in ("momentum", "dampening", "weight_decay")}
+        self._nesterov = [bool(g["nesterov"]) for g in groups]
+        vec = {k: torch.tensor(v, device=device) for k, v in self._hp.items()}
+        self.momentum, self.damped, self.weight_decay = (
+            vec["momentum"], 1.0 - vec["dampening"], vec["weight_decay"])
+        self.nesterov = torch.tensor(self._nesterov, device=device)
+        self.uses_momentum = any(m != 0 for m in self._hp["momentum"])
+        self.uses_decay = any(w != 0 for w in self._hp["weight_decay"])
+        #: members whose momentum buffers hold a step (host-side, no synchronisation)
+        self.has_buffer = [False] * self.K
+        self.buffers: list[Tensor | None] = [None] * len(self.params)
+        # member k's optimizer parameters -> (stacked parameter index, the slice's geometry)
+        self._slices = [[self._locate(q) for q in t.optimizer.param_groups[0]["params"]]
+                        for t in self.trainers]
+        self._lr_values: list[float] | None = None
+        self._lr = torch.zeros(self.K, device=device)
+
+    def _locate(self, q: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+        ptr = q.untyped_storage().data_ptr()
+        for j, p in enumerate(self.params):
+            if p.untyped_storage().data_ptr() == ptr:
+                return j, tuple(q.shape), tuple(q.stride()), q.storage_offset() - \
+                    p.storage_offset()
+        raise RuntimeError("BatchedTrainer: a member's parameter is not a slice of the stack")
+
+    def _view(self, k: int, i: int) -> Tensor:
+        j, shape, stride, offset = self._slices[k][i]
+        buf = self.buffers[j]
+        assert buf is not None
+        return buf.as_strided(shape, stride, buf.storage_offset() + offset)
+
+    def _buffer(self, j: int) -> Tensor:
+        buf = self.buffers[j]
+        if buf is None:
+            p = self.params[j]
+            buf = self.buffers[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if buf.stride() != p.stride():  # the members' views are laid out like p
+                buf = self.buffers[j] = p.detach().clone().zero_()
+        return buf
+
+    def lr(self) -> Tensor:
+        """``(K,)``: the members' optimizers' current learning rates."""
+        values = [float(t.optimizer.param_groups[0]["lr"]) for t in self.trainers]
+        if values != self._lr_values:
+            self._lr_values = values
+            self._lr = torch.tensor(values, device=self.device)
+        return self._lr
+
+    @torch.no_grad()
+    def step(self, active: list[bool]) -> None:
+        neg = -self.lr()
+        mask = None if all(active) else torch.tensor(active, device=self.device)
+        fresh_any = self.uses_momentum and not all(
+            h or not a or m == 0
+            for h, a, m in zip(self.has_buffer, active, self._hp["momentum"]))
+        fresh = (torch.tensor([not h for h in self.has_buffer], device=self.device)
+                 if fresh_any else None)
+        mixed = len(set(self._hp["momentum"])) > 1 or len(set(self._nesterov)) > 1
+        zero = torch.zeros((), device=self.device)
+        for j, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            shape = (self.K,) + (1,) * (p.ndim - 1)
+            d = p.grad
+            if self.uses_decay:
+                d = d.addcmul(p, self.weight_decay.reshape(shape).to(p.dtype))
+            if self.uses_momentum:
+                buf = self._buffer(j)
+                new = buf * self.momentum.reshape(shape).to(p.dtype) \
+                    + d * self.damped.reshape(shape).to(p.dtype)
+                if fresh is not None:
+                    new = torch.where(fresh.reshape(shape), d, new)
+                if mask is not None:
+                    new = torch.where(mask.reshape(shape), new, buf)
+                buf.copy_(new)
+                nest = d + buf * self.momentum.reshape(shape).to(p.dtype)
+                step = buf
+                if any(self._nesterov):
+                    step = (nest if all(self._nesterov)
+                            else torch.where(self.nesterov.reshape(shape), nest, buf))
+                d = torch.where((self.momentum != 0).reshape(shape), step, d) if mixed else step
+            if mask is not None:
+                d = torch.where(mask.reshape(shape), d, zero.to(d.dtype))
+            p.addcmul_(d, neg.reshape(shape).to(p.dtype))
+        if self.uses_momentum:
+            for k, t in enumerate(self.trainers):
+                if active[k] and not self.has_buffer[k] and self._hp["momentum"][k] != 0:
+                    self.has_buffer[k] = True
+                    params = t.optimizer.param_groups[0]["params"]
+                    for i, q in enumerate(params):
+                        t.optimizer.state[q]["momentum_buffer"] = self._view(k, i)
+
+    def adopt(self) -> None:
+        """Take the momentum buffers from the members' optimizers (after they loaded a
+        checkpoint) into the stacked buffers, and point the members' states at them."""
+        if not self.uses_momentum:
+            return
+        for k, t in enumerate(self.trainers):
+            params = t.optimizer.param_groups[0]["params"]
+            saved = [t.optimizer.state.get(q, {}).get("momentum_buffer") for q in params]
+            self.has_buffer[k] = all(b is not None for b in saved) and bool(saved)
+            for i, (q, b) in enumerate(zip(params, saved)):
+                self._buffer(self._slices[k][i][0])
+                view = self._view(k, i)
+                if self.has_buffer[k]:
+                    view.copy_(b)
+                    t.optimizer.state[q]["momentum_buffer"] = view
+                else:
+                    view.zero_()
+                    t.optimizer.state.get(q, {}).pop("momentum_buffer", None)
