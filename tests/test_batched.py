@@ -14,7 +14,7 @@ from torch import nn
 from biasshift.data import ArrayDataset, load_dataset
 from biasshift.models import autoencoder, mlp
 from biasshift.models.stacked import StackedSequential, stackable
-from biasshift.train import Trainer
+from biasshift.train import Plugin, Trainer
 from biasshift.train.batched import BatchedTrainer, batchable, member_bytes, stack_size
 from biasshift.train.checkpoint import load_checkpoint
 
@@ -42,10 +42,13 @@ MEMBERS = [("elu", 1, 0.05), ("relu", 2, 0.02), ("lrelu", 3, 0.05), ("srelu", 4,
            ("elu", 5, 0.01)]
 
 
-def _compare(single: Trainer, member: Trainer, rtol: float = 2e-5, atol: float = 1e-6) -> None:
+def _compare(single: Trainer, member: Trainer, rtol: float = 2e-5, atol: float = 1e-6,
+             drop: tuple[str, ...] = ()) -> None:
     for a, b in zip(single.model.parameters(), member.model.parameters()):
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
     hs, hm = single.history, member.history
+    hs = hs[~hs["quantity"].isin(drop)].reset_index(drop=True)
+    hm = hm[~hm["quantity"].isin(drop)].reset_index(drop=True)
     assert list(hm["run"].unique()) == [single.run_name]
     pd.testing.assert_frame_equal(hs.drop(columns="value"), hm.drop(columns="value"))
     torch.testing.assert_close(torch.tensor(hm["value"].to_numpy()),
@@ -111,6 +114,83 @@ def test_momentum_and_weight_decay_members_equal_their_single_runs(digits, tmp_p
     _compare(ref, single)
 
 
+class Recorder(Plugin):
+    """A stackable plug-in that records its callbacks (name, step, batch shape, loss)."""
+
+    stackable = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.calls.append(("fit_start", trainer.lr))
+
+    def on_before_step(self, trainer, step, x, y, loss) -> None:
+        self.calls.append(("before", step, tuple(x.shape), float(loss.detach()),
+                           trainer.optimizer.param_groups[0]["lr"]))
+
+    def on_after_step(self, trainer, step, x, y, loss) -> None:
+        self.calls.append(("after", step, trainer.step))
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        self.calls.append(("epoch_end", epoch, round(metrics["train_loss"], 4)))
+        trainer.log("recorded", float(len(self.calls)))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.calls.append(("fit_end", trainer.epoch))
+
+
+def noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return x + 0.1 * torch.randn(x.shape, generator=gen, device=x.device)
+
+
+def schedule_kw(lr: float, **hp: Any) -> dict[str, Any]:
+    """Momentum SGD, a step schedule, a recorder, the timer and an augmentation: what the
+    conv-activations analysis trains with."""
+    from biasshift.reproduce.conv_activations import IterationTimer
+    from biasshift.train.schedule import StepLearningRate
+
+    return dict(optimizer=sgd(momentum=0.9, weight_decay=5e-4, **hp)(lr), augment=noise,
+                plugins=[StepLearningRate([7, 15], [lr, lr / 10, lr / 100]), Recorder(),
+                         IterationTimer()])
+
+
+def test_members_with_plugins_schedules_and_augmentation_equal_single_runs(digits) -> None:
+    runs = MEMBERS[:3]
+    singles = [make(digits, a, s, lr, **schedule_kw(lr)) for a, s, lr in runs]
+    for t in singles:
+        t.fit()
+    bt = BatchedTrainer([make(digits, a, s, lr, **schedule_kw(lr)) for a, s, lr in runs])
+    bt.fit()
+    timer = "train_seconds_per_step"
+    for single, member in zip(singles, bt.trainers):
+        assert member.stack_members == 3 and single.stack_members == 1
+        # the timer records the member's share of the stacked step; the rest is the single run
+        h = member.history
+        times = h.loc[h["quantity"] == timer, "value"]
+        assert len(times) == 2 and (times > 0).all()
+        _compare(single, member, drop=(timer,))
+        a, b = single.plugins[1].calls, member.plugins[1].calls
+        assert [c[:3] for c in a] == [c[:3] for c in b]  # callbacks, steps, shapes in order
+        for ca, cb in zip(a, b):
+            if ca[0] == "before":
+                assert cb[4] == ca[4]  # the schedule set the member's own lr
+                assert abs(cb[3] - ca[3]) < 1e-4 * max(1.0, abs(ca[3]))
+        assert member.optimizer.param_groups[0]["lr"] == runs[bt.trainers.index(member)][2] / 100
+
+
+def test_unstackable_plugins_are_refused_by_name(digits) -> None:
+    from biasshift import ActivationMonitor
+    from biasshift.train import MonitorPlugin
+
+    model = net("elu")
+    t = make(digits, "elu", 1, 0.1, model=lambda: model,
+             plugins=[MonitorPlugin(ActivationMonitor(model))])
+    assert "MonitorPlugin is not stackable" in (batchable(t) or "")
+    with pytest.raises(ValueError, match="MonitorPlugin is not stackable"):
+        BatchedTrainer([t, make(digits, "elu", 2, 0.1)])
+
+
 def test_autoencoder_members_equal_single_runs(digits) -> None:
     def ae(act: str) -> nn.Module:
         return autoencoder(act, in_features=64, encoder=(24, 12, 6))
@@ -136,7 +216,7 @@ def test_initial_weights_and_data_order_are_the_single_runs(digits) -> None:
         assert torch.equal(bt.epoch_orders(3)[k], t.epoch_order(3))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv-bn", "mlp-momentum"])
+@pytest.mark.parametrize("kind", ["mlp", "conv-bn", "mlp-momentum", "mlp-plugins"])
 def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) -> None:
     """Also for conv nets with batch norm, whose running statistics live in the stack, and for
     members with momentum, whose buffers do."""
@@ -145,6 +225,10 @@ def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) 
                 else functools.partial(net, a))
 
     def opt(i: int, lr: float) -> dict[str, Any]:
+        if kind == "mlp-plugins":  # also the augmentation generators' state mid-epoch
+            kw = schedule_kw(lr)
+            kw["plugins"] = kw["plugins"][:1]  # the schedule (the others' rows hold times)
+            return kw
         return {"optimizer": sgd(**SGD_MEMBERS[i][3])(lr)} if kind == "mlp-momentum" else {}
 
     def members(root):
@@ -185,7 +269,8 @@ def test_resume_mid_epoch_is_bit_identical(digits, tmp_path, monkeypatch, kind) 
     # each member's own checkpoint is a single-run one: the single Trainer resumes it
     saved = load_checkpoint(root / "elu-1" / "checkpoint.pt")["optimizer"]["state"]
     kept = again.trainers[0].optimizer.state_dict()["state"]
-    assert saved.keys() == kept.keys() and (kind != "mlp-momentum" or saved)
+    assert saved.keys() == kept.keys() and (kind not in ("mlp-momentum", "mlp-plugins")
+                                             or saved)
     for i in saved:
         assert torch.equal(saved[i]["momentum_buffer"], kept[i]["momentum_buffer"])
     single = make(digits, "elu", 1, 0.05, epochs=4, checkpoint_dir=root / "elu-1",

@@ -154,8 +154,14 @@ class IterationTimer(Plugin):
     Measured from the first ``on_before_step`` of an epoch (after its first forward and
     backward pass) to the evaluation that ends it, divided by the steps in between; evaluation,
     probe and checkpoint writes are left out. On CUDA it synchronises once per epoch (at the
-    evaluation), never per step. Stateless.
+    evaluation), never per step. Stateless and stackable: in a stack of ``K`` runs
+    (:class:`~biasshift.train.batched.BatchedTrainer`) a step trains all of them, and each
+    member records its share, the stack's step time divided by ``K``
+    (``trainer.stack_members``), so that a stacked run's time is comparable with the
+    single runs' it replaces (not with its stack-mates': they all record the same share).
     """
+
+    stackable = True
 
     def __init__(self) -> None:
         self._t0: float | None = None
@@ -174,7 +180,8 @@ class IterationTimer(Plugin):
             torch.cuda.synchronize(trainer.device)
         steps = trainer.step - 1 - self._s0
         secs = time.perf_counter() - self._t0
-        self._value = secs / steps if steps > 0 else math.nan
+        share = secs / getattr(trainer, "stack_members", 1)
+        self._value = share / steps if steps > 0 else math.nan
         self._t0 = None
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:

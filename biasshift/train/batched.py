@@ -10,7 +10,13 @@ What stays exactly as in the single run
     * initial weights: each member's model is built by its own Trainer (the factory under the
       generator seeded with ``derive_seed(seed, "init")``) and copied into the stack;
     * data order: member ``k``'s epoch ``e`` uses its own permutation
-      (:meth:`Trainer.epoch_order`, seeded with ``derive_seed(seed_k, "data", e)``);
+      (:meth:`Trainer.epoch_order`, seeded with ``derive_seed(seed_k, "data", e)``), and its
+      own augmentation (``augment`` with its generator seeded with
+      ``derive_seed(seed_k, "augment", e)``; a mid-epoch checkpoint keeps the generators'
+      states);
+    * plug-ins that are :attr:`~biasshift.train.Plugin.stackable` (learning-rate schedules,
+      timers): every callback once per member, with the member's trainer, mini-batch and
+      loss, in the single run's order; a schedule sets the member's own ``lr``;
     * the update: ``torch.optim.SGD`` with the member's own ``lr``, momentum, dampening,
       Nesterov and weight decay (:class:`_StackedSGD`; the momentum buffers are in the
       member's optimizer state, as in its single run); the gradient of ``Σ_k loss_k`` with
@@ -75,8 +81,10 @@ def batchable(trainer: Trainer) -> str | None:
     why = stackable(trainer.model)
     if why is not None:
         return why
-    if trainer.plugins:
-        return "it has plug-ins (per-step callbacks see one model)"
+    for p in trainer.plugins:
+        if not getattr(p, "stackable", False):
+            return (f"its plug-in {type(p).__name__} is not stackable (it may hook the model "
+                    "or read gradients; see Plugin.stackable)")
     if trainer.loss == "reconstruction" and (trainer.reconstruction_loss != "sse"
                                              or trainer.reconstruction_logits):
         return (f"its reconstruction loss is {trainer.reconstruction_loss!r}"
@@ -157,7 +165,7 @@ class BatchedTrainer:
     Args:
         trainers: the members, built as for single runs (same dataset, loss, batch size, epochs,
             device, evaluation and probe settings; ``torch.optim.SGD`` with one parameter group,
-            any momentum and weight decay; no plug-ins); each
+            any momentum and weight decay; stackable plug-ins only); each
             keeps its own seed, lr, run name and checkpoint folder.  :meth:`fit` trains them and
             leaves each in the state its own :meth:`Trainer.fit` would (``epoch``, ``step``,
             ``diverged``, ``history``, ``last_probe``, checkpoint files).
@@ -223,6 +231,7 @@ class BatchedTrainer:
             if t.probe_x is not None and k > 0:
                 t.probe_x = t0.probe_x  # one copy of the shared probe subset
             t.dataset = self.dataset
+            t.stack_members = len(trainers)
         self._sgd = _StackedSGD(self.stack, trainers, self.device)
         self.epoch = 0  # epochs completed by the stack
         self.resumed_from: tuple[int, int] | None = None  # (epoch, next sample) of a resume
@@ -328,25 +337,55 @@ class BatchedTrainer:
             start0 = 0
             total = torch.zeros(self.K, dtype=torch.float64, device=self.device)
         active = self.active
+        gens = self._augment_generators(epoch, position)
+        live = [(k, t) for k, t in enumerate(self.trainers) if active[k] and t.plugins]
         self.stack.train()
         steps_here = 0
         for start in range(start0, n, bs):
             idx = perm[:, start:start + bs]  # (K, B)
             x = xs[idx]
+            if gens is not None:  # each member's own augmentation, as in its single run
+                x = torch.stack([t.augment(x[k], g) if t.augment is not None else x[k]
+                                 for k, (t, g) in enumerate(zip(self.trainers, gens))])
             y = x if recon else ys[idx]
             losses = self._losses(self.stack(x), x, y)
             self.stack.zero_grad(set_to_none=True)
             losses.sum().backward()
+            for k, t in live:
+                for p in t.plugins:
+                    p.on_before_step(t, t.step, x[k], y[k], losses[k])
             self._sgd_step(active)
             for t, a in zip(self.trainers, active):
                 if a:
                     t.step += 1
+            for k, t in live:
+                for p in t.plugins:
+                    p.on_after_step(t, t.step - 1, x[k], y[k], losses[k])
             total.add_(losses.detach().double(), alpha=x.shape[1])
             steps_here += 1
             if self.checkpoint_every and steps_here % self.checkpoint_every == 0 \
                     and start + bs < n:
-                self._save_stack({"epoch": epoch, "start": start + bs, "total": total.cpu()})
+                pos: dict[str, Any] = {"epoch": epoch, "start": start + bs, "total": total.cpu()}
+                if gens is not None:
+                    pos["augment"] = [g.get_state() for g in gens]
+                self._save_stack(pos)
         return total / n
+
+    def _augment_generators(self, epoch: int, position: dict[str, Any] | None
+                            ) -> list[torch.Generator] | None:
+        """Each member's augmentation generator for ``epoch``, seeded as in its single run
+        (``derive_seed(seed, "augment", epoch)``), or at the state a mid-epoch checkpoint
+        saved; ``None`` when no member augments."""
+        if all(t.augment is None for t in self.trainers):
+            return None
+        gens = []
+        for k, t in enumerate(self.trainers):
+            g = torch.Generator(device=self.device)
+            g.manual_seed(derive_seed(t.seed, "augment", epoch))
+            if position is not None and position.get("augment") is not None:
+                g.set_state(position["augment"][k])
+            gens.append(g)
+        return gens
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -401,7 +440,15 @@ class BatchedTrainer:
 
     def _record(self, epoch: int, running: Tensor | None, seconds: float | None) -> None:
         live = [k for k, a in enumerate(self.active) if a]
+        # the plug-ins' evaluation callbacks bracket the stack's batched evaluation, and then
+        # (in the member's _evaluate_epoch) its own probe, as the single run's bracket both
+        for k in live:
+            for p in self.trainers[k].plugins:
+                getattr(p, "on_evaluate_start", _noop)(self.trainers[k])
         values = self.evaluate()
+        for k in live:
+            for p in self.trainers[k].plugins:
+                getattr(p, "on_evaluate_end", _noop)(self.trainers[k])
         with self._batched_evaluation(values):
             for k in live:
                 t = self.trainers[k]
@@ -411,6 +458,8 @@ class BatchedTrainer:
                 if running is None:
                     continue
                 t.epoch = epoch
+                for p in t.plugins:
+                    p.on_epoch_end(t, epoch, metrics)
                 t._flush_logs()
                 if not finite:
                     t.diverged = True
@@ -445,6 +494,23 @@ class BatchedTrainer:
         return self.history
 
     def _run(self, resume: bool) -> None:
+        # the single run's order: on_fit_start, then the checkpoint (plug-in states included)
+        for t in self.trainers:
+            for p in t.plugins:
+                p.on_fit_start(t)
+        try:
+            self._run_started(resume)
+        finally:
+            for t in self.trainers:
+                t._log_epoch = t.epoch
+                for p in t.plugins:
+                    p.on_fit_end(t)
+        for t in self.trainers:
+            t._flush_logs(final=True)
+            if t.checkpoint_dir is not None:
+                write_csv(t.history, t.checkpoint_dir / HISTORY_NAME)
+
+    def _run_started(self, resume: bool) -> None:
         position = self._load() if resume else None
         if resume and (position is not None or self.epoch > 0):
             self.resumed_from = (self.epoch, 0 if position is None else int(position["start"]))
@@ -468,11 +534,10 @@ class BatchedTrainer:
             self._record(epoch, running, time.perf_counter() - start)
             self.epoch = epoch
             self._save_stack(None)
-        for t in self.trainers:
-            t._log_epoch = t.epoch
-            t._flush_logs(final=True)
-            if t.checkpoint_dir is not None:
-                write_csv(t.history, t.checkpoint_dir / HISTORY_NAME)
+
+
+def _noop(*_: Any) -> None:
+    pass
 
 
 class _StackedSGD:

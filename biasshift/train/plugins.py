@@ -54,7 +54,21 @@ __all__ = ["MonitorLike", "MonitorPlugin", "Plugin"]
 
 
 class Plugin:
-    """Base class for trainer plug-ins: every callback is a no-op; override what you need."""
+    """Base class for trainer plug-ins: every callback is a no-op; override what you need.
+
+    ``stackable``: whether runs with this plug-in may be trained as members of one stacked
+    model (:class:`~biasshift.train.batched.BatchedTrainer`). A stack calls every callback
+    once per member, with the member's trainer (whose ``model`` is a view of the member's
+    weights, and whose ``optimizer`` holds its ``lr``, which a schedule may set), its
+    mini-batch and its 0-dim loss. A plug-in may set it when it neither hooks the model's
+    modules (a stack's forward pass never calls the member's modules) nor reads
+    ``p.grad`` (the gradients are the stack's); learning-rate schedules and timers qualify,
+    monitors and trackers do not. In a stack ``on_evaluate_start``/``on_evaluate_end`` come
+    twice per epoch: around the stack's evaluation of every member, then around the member's
+    own probe. Default ``False``.
+    """
+
+    stackable: bool = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Called once at the start of :meth:`Trainer.fit` (before a resume's state is loaded)."""

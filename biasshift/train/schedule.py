@@ -42,8 +42,10 @@ class StepLearningRate(Plugin):
 
     ``step`` is the trainer's 0-based global optimizer step. Every parameter group of
     ``trainer.optimizer`` gets the rate (before ``optimizer.step()``), overriding the
-    optimizer's own ``lr``.
+    optimizer's own ``lr``. Stackable: in a stack each member's optimizer gets its rate.
     """
+
+    stackable = True
 
     def __init__(self, boundaries: Sequence[int], rates: Sequence[float]) -> None:
         b = [int(x) for x in boundaries]
@@ -106,8 +108,11 @@ class PaperCifarSchedule(Plugin):
     ceil(n_train / batch_size)`` steps; the base rate is the trainer's ``lr``. So the same
     plug-in gives the paper's 165k-step schedule to a full CIFAR run and the same phases, in
     proportion, to a few-epoch run. (A resume that raises ``epochs`` rescales the remaining
-    phases.) Stateless; :attr:`schedule` holds the resolved :class:`StepLearningRate`.
+    phases.) Stateless and stackable; :attr:`schedule` holds the resolved
+    :class:`StepLearningRate`.
     """
+
+    stackable = True
 
     def __init__(self) -> None:
         self.schedule: StepLearningRate | None = None

@@ -352,6 +352,8 @@ class Trainer:
         # progress of training
         self.epoch = 0  # the last completed epoch
         self.step = 0  # optimizer steps taken
+        #: runs trained together in one stacked model with this one (set by a BatchedTrainer)
+        self.stack_members = 1
         self.diverged = False
         self.last_probe: ProbeStatistics | None = None
         self.epoch_seconds: list[float] = []
