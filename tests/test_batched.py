@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from biasshift.data import ArrayDataset, load_dataset
-from biasshift.models import autoencoder, mlp
+from biasshift.models import autoencoder, cifar_conv11, mlp
 from biasshift.models.stacked import StackedSequential, stackable
 from biasshift.train import Plugin, Trainer
 from biasshift.train.batched import BatchedTrainer, batchable, member_bytes, stack_size
@@ -177,6 +177,47 @@ def test_members_with_plugins_schedules_and_augmentation_equal_single_runs(digit
                 assert cb[4] == ca[4]  # the schedule set the member's own lr
                 assert abs(cb[3] - ca[3]) < 1e-4 * max(1.0, abs(ca[3]))
         assert member.optimizer.param_groups[0]["lr"] == runs[bt.trainers.index(member)][2] / 100
+
+
+def dropout_mlp(act: str) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), make_act(act), nn.Dropout(0.3),
+                         nn.Linear(16, 12),
+                         make_act(act), nn.Dropout(0.5), nn.Linear(12, 10))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_dropout_members_draw_their_single_runs_masks(digits, tmp_path, kind) -> None:
+    """On the CPU each member's dropout masks come from its own generator, seeded as its
+    single run's global one: the member trains on the single run's masks (the conv net in
+    the channel layout), and its checkpoint's RNG state continues that stream alone."""
+    def model(a: str) -> Any:
+        return (functools.partial(dropout_mlp, a) if kind == "mlp" else
+                functools.partial(cifar_conv11, a, num_classes=10, in_channels=1,
+                                  width=1 / 16, pooled_stacks=2, dropout=True))
+
+    image = digits  # (N, 1, 8, 8)
+    runs = [("elu", 1, 0.05), ("srelu", 2, 0.05)]
+    singles = [make(image, a, s, lr, model=model(a)) for a, s, lr in runs]
+    for t in singles:
+        t.fit()
+    bt = BatchedTrainer([make(image, a, s, lr, model=model(a),
+                              checkpoint_dir=tmp_path / f"{a}-{s}") for a, s, lr in runs])
+    bt.fit()
+    for single, member in zip(singles, bt.trainers):
+        _compare(single, member)
+    # one draw over the stack instead: other masks, other weights
+    other = BatchedTrainer([make(image, a, s, lr, model=model(a)) for a, s, lr in runs])
+    other.stack.use_member_generators(None)
+    other.fit()
+    assert not torch.allclose(next(other.trainers[0].model.parameters()),
+                              next(singles[0].model.parameters()), atol=1e-3)
+    # the member's checkpoint resumes alone on its single run's dropout stream
+    a, s, lr = runs[0]
+    alone = make(image, a, s, lr, model=model(a), epochs=3, checkpoint_dir=tmp_path / f"{a}-{s}")
+    alone.fit(resume=True)
+    ref = make(image, a, s, lr, model=model(a), epochs=3)
+    ref.fit()
+    _compare(ref, alone)
 
 
 def test_unstackable_plugins_are_refused_by_name(digits) -> None:

@@ -30,7 +30,10 @@ Since member ``k``'s output depends only on its own weights and its own inputs, 
 training the stack is training ``K`` independent runs (equal to float32 rounding: a batched
 GEMM or grouped convolution may sum in another order than an unbatched one).  Dropout draws
 other masks than the single runs (one draw over the stack), so with dropout a member is an
-equally distributed run, not the same run.
+equally distributed run, not the same run, unless each member draws from its own generator
+(:meth:`StackedSequential.use_member_generators`, on the CPU, for ``nn.Dropout``), as
+:class:`~biasshift.train.batched.BatchedTrainer` arranges: then its masks are its single
+run's.
 
 Which is faster is a property of the hardware: on this project's CPUs a stack of MLPs is 1.3–1.5x
 faster per model step than one run, while grouped convolutions are slower than ``K`` ungrouped
@@ -51,6 +54,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch._prims_common as _prims_common
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -72,9 +76,22 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _channels_last(x: Tensor) -> torch.memory_format | None:
+    """The channels-last format that torch's kernels would choose for ``x`` (4-d or 5-d with
+    strides like it: :func:`torch._prims_common.suggest_memory_format`), else ``None``."""
+    if x.ndim not in (4, 5):
+        return None
+    fmt = _prims_common.suggest_memory_format(x)
+    return None if fmt == torch.contiguous_format else fmt
+
+
 def to_channel(x: Tensor, K: int) -> Tensor:
-    """Member layout ``(K, N, C, ...)`` to channel layout ``(N, K·C, ...)`` (a copy)."""
-    return x.movedim(0, 1).reshape(x.shape[1], K * x.shape[2], *x.shape[3:])
+    """Member layout ``(K, N, C, ...)`` to channel layout ``(N, K·C, ...)`` (a copy), in the
+    memory format torch would suggest for one member's ``(N, C, ...)`` slice, so that the
+    stack's convolutions see the format (and choose the kernels) of the single runs'."""
+    out = x.movedim(0, 1).reshape(x.shape[1], K * x.shape[2], *x.shape[3:])
+    fmt = _channels_last(x[0])
+    return out if fmt is None else out.contiguous(memory_format=fmt)
 
 
 def to_member(x: Tensor, K: int) -> Tensor:
@@ -287,7 +304,14 @@ class StackedElementwise(nn.Module):
                 runs.append((k, k + 1))
         self.runs = runs
 
+    #: per-member random number generators for dropout (see :meth:`StackedSequential
+    #: .use_member_generators`); ``None``: one draw over the stack from the global generator
+    generators: list[torch.Generator] | None = None
+
     def forward(self, x: Tensor, layout: str = MEMBER) -> Tensor:
+        if self.generators is not None and self.training and x.device.type == "cpu" \
+                and all(type(m) is nn.Dropout for m in self.members):
+            return self._member_dropout(x, layout)
         if len(self.groups) == 1:
             return self.members[0](x)
         # split (not slices): its backward is one cat, where every slice's backward would
@@ -295,6 +319,34 @@ class StackedElementwise(nn.Module):
         dim, per = (0, 1) if layout == MEMBER else (1, x.shape[1] // len(self.members))
         parts = x.split([(b - a) * per for a, b in self.runs], dim=dim)
         return torch.cat([self.members[a](p) for (a, _), p in zip(self.runs, parts)], dim=dim)
+
+    def _member_dropout(self, x: Tensor, layout: str) -> Tensor:
+        """``nn.Dropout`` with member ``k``'s mask drawn from ``generators[k]`` as torch's CPU
+        kernel draws it in the single run (``bernoulli_(1 − p)`` on a tensor of the member's
+        shape, divided by ``1 − p``), so that a member's masks are its single run's."""
+        assert self.generators is not None
+        K = len(self.members)
+        dim = 0 if layout == MEMBER else 1
+        shape = list(x.shape)
+        if layout == MEMBER:
+            shape = shape[1:]
+        else:
+            shape[1] //= K
+        # the single run's mask is drawn into empty_like(its input): in the memory order of
+        # its activation, which the stack's member slice has (see to_channel)
+        fmt = (_channels_last(x) if layout != MEMBER else None) or torch.contiguous_format
+        noise = []
+        for m, g in zip(self.members, self.generators):
+            p = float(m.p)  # type: ignore[arg-type]
+            if p == 0.0:
+                noise.append(torch.ones(shape, dtype=x.dtype))
+            elif p == 1.0:
+                noise.append(torch.zeros(shape, dtype=x.dtype))
+            else:
+                noise.append(torch.empty(shape, dtype=x.dtype, memory_format=fmt)
+                             .bernoulli_(1.0 - p, generator=g).div_(1.0 - p))
+        mask = torch.stack(noise) if layout == MEMBER else torch.cat(noise, dim=dim)
+        return x * mask
 
 
 def _why_not(name: str, m: nn.Module) -> str | None:
@@ -496,6 +548,20 @@ class StackedSequential(nn.Module):
         return x.unsqueeze(0).expand(self.K, *x.shape)
 
     @torch.no_grad()
+    def use_member_generators(self, generators: Sequence[torch.Generator] | None) -> None:
+        """Draw member ``k``'s ``nn.Dropout`` masks from ``generators[k]`` (CPU), as its single
+        run draws them from the global generator: seeded like the single run's, a member then
+        trains on the single run's masks.  ``None`` restores one draw over the stack (the
+        default; masks equally distributed, not the single runs').  Other dropout modules and
+        non-CPU devices always take the one draw."""
+        gens = None if generators is None else list(generators)
+        if gens is not None and len(gens) != self.K:
+            raise ValueError(f"use_member_generators: {len(gens)} generators for {self.K} "
+                             "members")
+        for m in self.modules():
+            if isinstance(m, StackedElementwise):
+                m.generators = gens
+
     def member(self, k: int) -> nn.Module:
         """Member ``k`` as a module of the original architecture whose parameters (and
         batch-norm statistics) are views of the stack's storage (updated in place by every

@@ -233,6 +233,12 @@ class BatchedTrainer:
             t.dataset = self.dataset
             t.stack_members = len(trainers)
         self._sgd = _StackedSGD(self.stack, trainers, self.device)
+        if self.device.type == "cpu":
+            # each member's dropout masks from its own generator, seeded as its single run
+            # seeds the global one (fit), checkpointed as its "rng": the single run's masks
+            for t in trainers:
+                t.rng_generator = torch.Generator()
+            self.stack.use_member_generators([t.rng_generator for t in trainers])
         self.epoch = 0  # epochs completed by the stack
         self.resumed_from: tuple[int, int] | None = None  # (epoch, next sample) of a resume
         self._fitted = False
@@ -488,6 +494,9 @@ class BatchedTrainer:
             devices = [self.device.index] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.default_generator.manual_seed(derive_seed(t0.seed, "train"))
+                for t in self.trainers:  # a resume restores them from the checkpoints
+                    if t.rng_generator is not None:
+                        t.rng_generator.manual_seed(derive_seed(t.seed, "train"))
                 self._run(resume)
         finally:
             torch.set_num_threads(old_threads)

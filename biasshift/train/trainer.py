@@ -354,6 +354,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         #: runs trained together in one stacked model with this one (set by a BatchedTrainer)
         self.stack_members = 1
+        #: the generator this run's random training ops (dropout) draw from, when it is not
+        #: torch's global one (a stack's member draws from its own); checkpointed as "rng"
+        self.rng_generator: torch.Generator | None = None
         self.diverged = False
         self.last_probe: ProbeStatistics | None = None
         self.epoch_seconds: list[float] = []
@@ -548,7 +551,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (what :meth:`fit` writes to the checkpoint each epoch)."""
         rng: dict[str, Tensor | None] = {"cpu": torch.get_rng_state(), "cuda": None}
-        if self.device.type == "cuda":
+        if self.rng_generator is not None:
+            rng["cpu"] = self.rng_generator.get_state()
+        elif self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "run": self.run_name,
@@ -593,7 +598,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for p, s in zip(stateful, saved_plugins):
             p.load_state_dict(s["state"])
-        torch.set_rng_state(state["rng"]["cpu"])
+        if self.rng_generator is not None:
+            self.rng_generator.set_state(state["rng"]["cpu"])
+        else:
+            torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
