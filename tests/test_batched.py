@@ -680,3 +680,36 @@ def test_conv_stack_equals_members_on_cuda() -> None:
         grads = torch.autograd.grad(ref.square().sum(), list(m.parameters()))
         for sp, gr in zip(stack.parameters(), grads):
             torch.testing.assert_close(sp.grad[k], gr, rtol=1e-3, atol=1e-3)
+
+
+def test_conv_activations_stacks_on_request_and_equals_one_by_one(tmp_path) -> None:
+    """The conv-net analysis (momentum SGD with weight decay, the paper's step schedule, the
+    step timer, dropout, its own dataset preparation) stacks with ``--batch-runs K`` and gives
+    the one-by-one results; its ActivationMonitor plug-in (``monitor`` on) keeps runs alone."""
+    from biasshift.reproduce import resolve_settings, run_analysis
+    from biasshift.reproduce.registry import get_analysis
+    from biasshift.reproduce.runner import plan_stacks
+
+    def settings(tag: str, batch_runs: int, monitor: str = "off"):
+        return resolve_settings("conv-activations", quick=True, seeds=2, batch_runs=batch_runs,
+                                options={"arms": "elu,srelu", "monitor": monitor},
+                                out=tmp_path / tag / "out", work_dir=tmp_path / tag / "runs",
+                                jobs=1, threads=1)
+
+    a = get_analysis("conv-activations")
+    ds = load_dataset("digits")
+    s2 = settings("stacked", 2)
+    assert [len(u) for u in plan_stacks(a, a.run_specs(s2), s2, ds)] == [2, 2]
+    with_monitor = settings("monitor", 2, "on")
+    assert [len(u) for u in plan_stacks(a, a.run_specs(with_monitor), with_monitor, ds)] \
+        == [1, 1, 1, 1]
+    one = run_analysis(settings("one", 1), progress=False).frame
+    two = run_analysis(s2, progress=False).frame
+    timer = "train_seconds_per_step"
+    f1 = one[one["quantity"] != timer].reset_index(drop=True)
+    f2 = two[two["quantity"] != timer].reset_index(drop=True)
+    assert len(f1) and f1["run"].nunique() == 4
+    pd.testing.assert_frame_equal(f1.drop(columns="value"), f2.drop(columns="value"))
+    torch.testing.assert_close(torch.tensor(f2["value"].to_numpy()),
+                               torch.tensor(f1["value"].to_numpy()), rtol=1e-4, atol=1e-5)
+    assert (two.loc[two["quantity"] == timer, "value"] > 0).all()

@@ -743,11 +743,11 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
                 dataset: ArrayDataset) -> list[list[RunSpec]]:
     """Group the runs into stacks for :func:`run_stack` (lists of length 1: the single path).
 
-    Runs share a stack when they differ only in activation, lr and seed, the analysis trains
-    them with the default SGD, no plug-ins, no further trainer options (such as the
-    autoencoder's ``reconstruction_loss``), no augmentation and the loaded dataset as it is
-    (no :meth:`~biasshift.reproduce.base.Analysis.prepare_dataset` of its own), and the
-    model stacks
+    Runs share a stack when they differ only in activation, lr and seed (so they share the
+    prepared dataset and every option), the analysis trains them with ``torch.optim.SGD``
+    (any momentum and weight decay), only :attr:`~biasshift.train.Plugin.stackable` plug-ins
+    (schedules, timers; not monitors), no further trainer options (such as the autoencoder's
+    ``reconstruction_loss``), and the model stacks
     (:func:`~biasshift.models.stacked.stackable`).  ``settings.batch_runs``: ``1`` = every run
     alone (today's path), ``K`` = stacks of at most ``K``, ``0`` = automatic: as many runs as
     fit a quarter of the free memory (:func:`~biasshift.train.batched.member_bytes`), spread
@@ -764,16 +764,15 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
     groups: dict[str, list[RunSpec]] = {}
     alone: list[RunSpec] = []
     for s in specs:
-        if analysis.optimizer(s) is not None or analysis.plugins(s) \
-                or analysis.trainer_options(s) or analysis.augment(s) is not None \
-                or type(analysis).prepare_dataset is not Analysis.prepare_dataset:
+        if analysis.trainer_options(s) or not all(
+                getattr(p, "stackable", False) for p in analysis.plugins(s)):
             alone.append(s)
             continue
         groups.setdefault(_stack_key(s), []).append(s)
     units: list[list[RunSpec]] = [[s] for s in alone]
     for group in groups.values():
         model = analysis.build_model(group[0], dataset)
-        if stackable(model) is not None:
+        if stackable(model) is not None or not _plain_sgd(analysis, group[0], model):
             units += [[s] for s in group]
             continue
         if cap == 0:
@@ -791,6 +790,18 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
         units += [group[i:i + k] for i in range(0, len(group), k)]
     order = {s.run: i for i, s in enumerate(specs)}
     return sorted(units, key=lambda u: order[u[0].run])
+
+
+def _plain_sgd(analysis: Analysis, spec: RunSpec, model: nn.Module) -> bool:
+    """Whether the analysis trains ``spec`` with a ``torch.optim.SGD`` a stack can run (one
+    parameter group, not maximizing)."""
+    factory = analysis.optimizer(spec)
+    if factory is None:
+        return True
+    opt = factory(model)
+    return (type(opt) is torch.optim.SGD and len(opt.param_groups) == 1
+            and not opt.param_groups[0].get("maximize", False)
+            and opt.param_groups[0]["lr"] == spec.lr)
 
 
 def _has_conv(model: nn.Module) -> bool:
@@ -873,14 +884,21 @@ def run_stack(specs: Sequence[RunSpec], *, work_dir: str | os.PathLike[str],
             (stack_dir / STACK_CHECKPOINT).unlink(missing_ok=True)
         t0 = time.perf_counter()
         analysis = get_analysis(todo[0].analysis)
-        members = [Trainer(
-            (lambda s=s: analysis.build_model(s, sub)), sub, loss=analysis.loss, lr=s.lr,
-            batch_size=s.batch_size, epochs=s.epochs, seed=s.seed, device=device,
-            probe_size=s.probe_size, probe_modules=analysis.probe_modules(s),
-            probe_medians=analysis.probe_medians, checkpoint_dir=work / s.run, run_name=s.run,
-            progress=(lambda tr: progress(tr.run_name, tr.epoch)) if progress is not None
-            else False,
-        ) for s in todo]
+        # each member as run_one builds it (the analysis's dataset preparation, optimizer,
+        # plug-ins and augmentation); the members share the prepared data (same options)
+        members = []
+        for s in todo:
+            ds_s = analysis.prepare_dataset(s, sub)
+            members.append(Trainer(
+                (lambda s=s, ds_s=ds_s: analysis.build_model(s, ds_s)), ds_s,
+                loss=analysis.loss, lr=s.lr, batch_size=s.batch_size, epochs=s.epochs,
+                seed=s.seed, device=device, optimizer=analysis.optimizer(s),
+                plugins=analysis.plugins(s), probe_size=s.probe_size,
+                probe_modules=analysis.probe_modules(s), probe_medians=analysis.probe_medians,
+                checkpoint_dir=work / s.run, run_name=s.run,
+                progress=(lambda tr: progress(tr.run_name, tr.epoch)) if progress is not None
+                else False, **analysis.trainer_options(s), augment=analysis.augment(s),
+            ))
         bad = [(s, batchable(t)) for s, t in zip(todo, members)]
         if any(why is not None for _, why in bad):
             raise UsageError(f"run {next(s.run for s, w in bad if w)} cannot be stacked: "
