@@ -690,7 +690,7 @@ def test_conv_activations_stacks_on_request_and_equals_one_by_one(tmp_path) -> N
     from biasshift.reproduce.registry import get_analysis
     from biasshift.reproduce.runner import plan_stacks
 
-    def settings(tag: str, batch_runs: int, monitor: str = "off"):
+    def settings(tag: str, batch_runs: int | None, monitor: str = "off"):
         return resolve_settings("conv-activations", quick=True, seeds=2, batch_runs=batch_runs,
                                 options={"arms": "elu,srelu", "monitor": monitor},
                                 out=tmp_path / tag / "out", work_dir=tmp_path / tag / "runs",
@@ -700,6 +700,9 @@ def test_conv_activations_stacks_on_request_and_equals_one_by_one(tmp_path) -> N
     ds = load_dataset("digits")
     s2 = settings("stacked", 2)
     assert [len(u) for u in plan_stacks(a, a.run_specs(s2), s2, ds)] == [2, 2]
+    auto = settings("auto", None)  # the analysis's default: on the CPU conv runs go alone
+    assert auto.batch_runs == 0
+    assert [len(u) for u in plan_stacks(a, a.run_specs(auto), auto, ds)] == [1, 1, 1, 1]
     with_monitor = settings("monitor", 2, "on")
     assert [len(u) for u in plan_stacks(a, a.run_specs(with_monitor), with_monitor, ds)] \
         == [1, 1, 1, 1]

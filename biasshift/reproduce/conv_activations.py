@@ -235,6 +235,10 @@ class ConvActivations(Analysis):
                    "BN, paired seeds, Wilcoxon tests, median unit means per layer")
     loss = "cross_entropy"
     tidy_columns = CONV_COLUMNS
+    # the arms of one BN setting share the net: "auto" stacks them on CUDA (on the CPU grouped
+    # convolutions are slower, so they run one by one there); runs with the ActivationMonitor
+    # (option monitor) always run one by one
+    batch_runs = "auto"
     presets = {  # noqa: RUF012
         "paper": Preset(dataset="fashion-mnist", epochs=6, seeds=6, activations=_ACTS,
                         lrs=(0.01,), batch_size=100, probe_size=500,
