@@ -207,6 +207,8 @@ def test_dropout_members_draw_their_single_runs_masks(digits, tmp_path, kind) ->
         _compare(single, member)
     # one draw over the stack instead: other masks, other weights
     other = BatchedTrainer([make(image, a, s, lr, model=model(a)) for a, s, lr in runs])
+    with pytest.raises(ValueError, match="1 generators for 2 members"):
+        other.stack.use_member_generators([torch.Generator()])
     other.stack.use_member_generators(None)
     other.fit()
     assert not torch.allclose(next(other.trainers[0].model.parameters()),
@@ -680,6 +682,21 @@ def test_conv_stack_equals_members_on_cuda() -> None:
         grads = torch.autograd.grad(ref.square().sum(), list(m.parameters()))
         for sp, gr in zip(stack.parameters(), grads):
             torch.testing.assert_close(sp.grad[k], gr, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_momentum_schedule_members_equal_single_runs_on_cuda(digits) -> None:
+    """On CUDA: momentum SGD with weight decay, a step schedule and an augmentation (no
+    dropout: on CUDA the stack's masks are one draw, not the single runs')."""
+    runs = MEMBERS[:3]
+    singles = [make(digits, a, s, lr, device="cuda", **schedule_kw(lr)) for a, s, lr in runs]
+    for t in singles:
+        t.fit()
+    bt = BatchedTrainer([make(digits, a, s, lr, device="cuda", **schedule_kw(lr))
+                         for a, s, lr in runs])
+    bt.fit()
+    for single, member in zip(singles, bt.trainers):
+        _compare(single, member, rtol=1e-4, atol=1e-5, drop=("train_seconds_per_step",))
 
 
 def test_conv_activations_stacks_on_request_and_equals_one_by_one(tmp_path) -> None:

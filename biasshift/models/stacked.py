@@ -547,7 +547,6 @@ class StackedSequential(nn.Module):
                 return self._run(x.unsqueeze(0).expand(self.K, *x.shape), MEMBER, i)
         return x.unsqueeze(0).expand(self.K, *x.shape)
 
-    @torch.no_grad()
     def use_member_generators(self, generators: Sequence[torch.Generator] | None) -> None:
         """Draw member ``k``'s ``nn.Dropout`` masks from ``generators[k]`` (CPU), as its single
         run draws them from the global generator: seeded like the single run's, a member then
@@ -562,6 +561,7 @@ class StackedSequential(nn.Module):
             if isinstance(m, StackedElementwise):
                 m.generators = gens
 
+    @torch.no_grad()
     def member(self, k: int) -> nn.Module:
         """Member ``k`` as a module of the original architecture whose parameters (and
         batch-norm statistics) are views of the stack's storage (updated in place by every

@@ -641,16 +641,16 @@ class _StackedSGD:
                 d = d.addcmul(p, self.weight_decay.reshape(shape).to(p.dtype))
             if self.uses_momentum:
                 buf = self._buffer(j)
-                new = buf * self.momentum.reshape(shape).to(p.dtype) \
-                    + d * self.damped.reshape(shape).to(p.dtype)
+                mu = self.momentum.reshape(shape).to(p.dtype)
+                new = buf * mu + d * self.damped.reshape(shape).to(p.dtype)
                 if fresh is not None:
                     new = torch.where(fresh.reshape(shape), d, new)
                 if mask is not None:
                     new = torch.where(mask.reshape(shape), new, buf)
                 buf.copy_(new)
-                nest = d + buf * self.momentum.reshape(shape).to(p.dtype)
                 step = buf
                 if any(self._nesterov):
+                    nest = d + buf * mu
                     step = (nest if all(self._nesterov)
                             else torch.where(self.nesterov.reshape(shape), nest, buf))
                 d = torch.where((self.momentum != 0).reshape(shape), step, d) if mixed else step
