@@ -24,6 +24,7 @@ the eager step after a few steps (``max_rel_diff`` in the JSON).
 
     python analyses/bench_batched.py                     # CPU, one thread, ~2 min
     python analyses/bench_batched.py --device cuda --capture graph
+    python analyses/bench_batched.py --momentum 0.9     # momentum SGD + weight decay 5e-4
 """
 
 from __future__ import annotations
@@ -103,15 +104,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def trainers(net: str, K: int, ds: Any, device: str, acts: tuple[str, ...] = ACTS) -> list:
+def trainers(net: str, K: int, ds: Any, device: str, acts: tuple[str, ...] = ACTS,
+             momentum: float = 0.0) -> list:
+    """``K`` members; with ``momentum`` their SGD has it and weight decay 5e-4 (as the
+    conv-activations protocol trains)."""
     from biasshift.train import Trainer
 
     loss = "reconstruction" if net == "autoencoder" else "cross_entropy"
     lr = 1e-3 if net == "autoencoder" else 0.01
+
+    def sgd(lr_k: float) -> Any:
+        if not momentum:
+            return None
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr_k, momentum=momentum,
+                                         weight_decay=5e-4)
+
     # members ordered by activation, as the runner orders the runs of an analysis
     return [Trainer(functools.partial(factory, net, acts[k * len(acts) // K]), ds, loss=loss,
                     lr=lr * (1 + 0.1 * k), seed=k, epochs=1, probe_size=0, device=device,
-                    run_name=f"m{k}") for k in range(K)]
+                    run_name=f"m{k}", optimizer=sgd(lr * (1 + 0.1 * k))) for k in range(K)]
 
 
 def time_epochs(fn, steps: int, device: torch.device, repeat: int) -> float:
@@ -233,20 +244,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_rate(device)
     res: dict[str, Any] = dict(device=str(device), threads=args.threads, batch=args.batch,
                                steps=steps, torch=torch.__version__, matmul_gflops=peak,
-                               nets={})
+                               momentum=args.momentum, nets={})
     for net in args.nets.split(","):
         flops = step_flops(factory(net, "elu"), args.batch)
-        single = trainers(net, 1, ds, args.device)[0]
+        single = trainers(net, 1, ds, args.device, momentum=args.momentum)[0]
         rows: dict[str, Any] = {}
         t1 = time_epochs(lambda s=single: s._train_epoch(1), steps, device, args.repeat)
         rows["single"] = dict(ms=1e3 * t1, speedup=1.0, pct_peak=100 * flops / t1 / 1e9 / peak)
         for K in ks:
-            bt = BatchedTrainer(trainers(net, K, ds, args.device))
+            bt = BatchedTrainer(trainers(net, K, ds, args.device, momentum=args.momentum))
             tk = time_epochs(lambda bt=bt: bt._train_epoch(1, None), steps, device,
                              args.repeat) / K
             rows[f"stacked_K{K}"] = dict(ms=1e3 * tk, speedup=t1 / tk,
                                          pct_peak=100 * flops / tk / 1e9 / peak)
-            if K > 1 and args.vmap:
+            if K > 1 and args.vmap and not args.momentum:  # vmap rows: plain SGD only
                 # like for like: the stack with one activation (ELU) for all members
                 bt1 = BatchedTrainer(trainers(net, K, ds, args.device, acts=("elu",)))
                 ts = time_epochs(lambda bt1=bt1: bt1._train_epoch(1, None), steps, device,
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=30, help="steps per timed epoch")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many epochs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--momentum", type=float, default=0.0,
+                    help="SGD momentum (with weight decay 5e-4) for single and stacked runs")
     ap.add_argument("--no-vmap", dest="vmap", action="store_false")
     ap.add_argument("--capture", choices=("none", "graph", "compile"), default="none",
                     help="CUDA only: capture the stacked step (checked against eager)")

@@ -623,6 +623,9 @@ class _StackedSGD:
 
     @torch.no_grad()
     def step(self, active: list[bool]) -> None:
+        """One step of every active member.  In place on the stack's gradients and buffers
+        (no temporaries of the stack's size) except on the rare steps that select per member
+        (a member's first momentum step, frozen members)."""
         neg = -self.lr()
         mask = None if all(active) else torch.tensor(active, device=self.device)
         fresh_any = self.uses_momentum and not all(
@@ -631,29 +634,38 @@ class _StackedSGD:
         fresh = (torch.tensor([not h for h in self.has_buffer], device=self.device)
                  if fresh_any else None)
         mixed = len(set(self._hp["momentum"])) > 1 or len(set(self._nesterov)) > 1
+        undamped = all(d == 0 for d in self._hp["dampening"])
         zero = torch.zeros((), device=self.device)
         for j, p in enumerate(self.params):
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
             shape = (self.K,) + (1,) * (p.ndim - 1)
-            d = p.grad
-            if self.uses_decay:
-                d = d.addcmul(p, self.weight_decay.reshape(shape).to(p.dtype))
+            if self.uses_decay:  # g + wd·w, in the stack's own gradient
+                g.addcmul_(p, self.weight_decay.reshape(shape).to(p.dtype))
+            d = g
             if self.uses_momentum:
                 buf = self._buffer(j)
                 mu = self.momentum.reshape(shape).to(p.dtype)
-                new = buf * mu + d * self.damped.reshape(shape).to(p.dtype)
-                if fresh is not None:
-                    new = torch.where(fresh.reshape(shape), d, new)
-                if mask is not None:
-                    new = torch.where(mask.reshape(shape), new, buf)
-                buf.copy_(new)
+                if fresh is not None or mask is not None:
+                    new = buf * mu + g * self.damped.reshape(shape).to(p.dtype)
+                    if fresh is not None:  # torch's first step: the buffer is the direction
+                        new = torch.where(fresh.reshape(shape), g, new)
+                    if mask is not None:
+                        new = torch.where(mask.reshape(shape), new, buf)
+                    buf.copy_(new)
+                else:
+                    buf.mul_(mu)
+                    if undamped:
+                        buf.add_(g)
+                    else:
+                        buf.addcmul_(g, self.damped.reshape(shape).to(p.dtype))
                 step = buf
-                if any(self._nesterov):
-                    nest = d + buf * mu
-                    step = (nest if all(self._nesterov)
-                            else torch.where(self.nesterov.reshape(shape), nest, buf))
-                d = torch.where((self.momentum != 0).reshape(shape), step, d) if mixed else step
+                if any(self._nesterov):  # Nesterov needs momentum > 0 (torch checks it)
+                    step = (g.addcmul_(buf, mu) if all(self._nesterov)
+                            else torch.where(self.nesterov.reshape(shape), g + buf * mu, buf))
+                d = torch.where((self.momentum != 0).reshape(shape), step, g) if mixed \
+                    else step
             if mask is not None:
                 d = torch.where(mask.reshape(shape), d, zero.to(d.dtype))
             p.addcmul_(d, neg.reshape(shape).to(p.dtype))
