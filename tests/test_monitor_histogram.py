@@ -138,3 +138,56 @@ def test_spec_coerce() -> None:
         HistogramSpec.coerce(8)
     e = HistogramSpec(bins=64, range=(-2.0, 6.0)).edges()
     assert e[0] == -2.0 and e[-1] == 6.0 and np.all(np.diff(e) == 0.125)
+
+
+def _special_float32(gen: torch.Generator, n: int, spec: HistogramSpec) -> torch.Tensor:
+    """Values a bin assignment can get wrong: every edge and its float32 neighbours, values
+    near the range's ends, huge and tiny (subnormal) magnitudes, signed zeros, ±inf, NaN."""
+    e = torch.from_numpy(spec.edges().astype(np.float32))
+    up = torch.nextafter(e, torch.full_like(e, math.inf))
+    down = torch.nextafter(e, torch.full_like(e, -math.inf))
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e-30, -1e-30, 3.0e38, -3.0e38,
+                            math.inf, -math.inf, math.nan, 1e7, -1e7], dtype=torch.float32)
+    lo, hi = spec.range
+    spread = torch.rand(n, generator=gen) * (hi - lo) * 1.4 + lo - 0.2 * (hi - lo)
+    return torch.cat([e, up, down, special, spread.float()])
+
+
+@pytest.mark.parametrize("bins,lo,hi", [(64, -2.0, 6.0), (8, 0.0, 8.0), (16, -0.5, 0.5),
+                                        (3, -3.0, 0.0), (32, 1.0, 5.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float32_dyadic_path_equals_the_float64_path(bins, lo, hi, dtype) -> None:
+    """Dyadic bins are counted in float32 (exact: a power-of-two scale, integer edges
+    after scaling); the counts equal the float64 path's bit for bit, with every edge, its
+    neighbours, huge, subnormal and non-finite values, in both layouts."""
+    spec = HistogramSpec(bins=bins, range=(lo, hi))
+    assert spec.dyadic_integer is not None
+    gen = torch.Generator().manual_seed(bins)
+    v = _special_float32(gen, 3000, spec).to(dtype)
+    x = v[torch.randperm(v.numel(), generator=gen)][: (v.numel() // 4) * 4].reshape(-1, 4)
+    ref = _counts(x.double(), 1, spec)  # float64 input: the float64 path
+    np.testing.assert_array_equal(_counts(x, 1, spec), ref)
+    np.testing.assert_array_equal(_counts(x.T.contiguous(), 0, spec), ref)
+    np.testing.assert_array_equal(ref[:, : bins + 2],
+                                  brute_force(x.double().numpy(), spec))
+
+
+def test_dyadic_integer_names_the_exact_specs() -> None:
+    assert HistogramSpec(64, (-2.0, 6.0)).dyadic_integer == (8.0, -16.0)
+    assert HistogramSpec(3, (-3.0, 0.0)).dyadic_integer == (1.0, -3.0)
+    # a scale below 1, not a power of two, or lo not on the scaled integer grid: float64
+    assert HistogramSpec(4, (0.0, 8.0)).dyadic_integer is None
+    assert HistogramSpec(10, (-1.0, 2.0)).dyadic_integer is None
+    assert HistogramSpec(64, (-2.01, 5.99)).dyadic_integer is None
+
+
+def test_float64_activations_on_dyadic_bins_are_exact_at_the_extremes() -> None:
+    """float64 data keep the float64 path, with the same exact formula: values far below
+    ``|lo|`` (which ``x - lo`` would round onto the edge 0), subnormals and huge values."""
+    spec = HistogramSpec(bins=64, range=(-2.0, 6.0))
+    x = torch.tensor([-1e-300, -5e-324, 5e-324, -1e-17, 1e-17, 1e308, -1e308, -2.0, 6.0,
+                      -0.125, math.nextafter(0.0, -1.0), math.inf, math.nan],
+                     dtype=torch.float64).reshape(-1, 1)
+    c = _counts(x, 1, spec)
+    np.testing.assert_array_equal(c[:, : spec.bins + 2], brute_force(x.numpy(), spec))
+    assert c[0, 16] == 5  # the five tiny negatives lie in [-0.125, 0): slot 16 (bin 15)

@@ -8,13 +8,18 @@ in the statistics' ``nonfinite`` column, so a unit's underflow + bins + overflow
 ``count`` of finite samples.
 
 Bin assignment
-    A finite value ``x`` goes to bin ``k = floor((x - lo) * (bins / (hi - lo)))`` evaluated in
-    float64 (``k < 0``: underflow, ``k >= bins``: overflow); bin ``k`` is reported with edges
-    ``lo + k * (hi - lo) / bins`` and ``lo + (k + 1) * (hi - lo) / bins``. When ``(hi - lo) /
-    bins`` and ``lo`` are dyadic (e.g. ``range=(-2, 6), bins=64``: width 1/8) every step is exact
-    and bins are exactly the half-open ``[left, right)``, values equal to an edge included; for
-    other ranges a value within one float64 rounding of an edge may fall into the neighbouring
-    bin. Counts are exact integers (int64), accumulated with one ``bincount`` / ``index_add_`` on
+    A finite value ``x`` goes to bin ``k = floor((x - lo) * (bins / (hi - lo)))`` (``k < 0``:
+    underflow, ``k >= bins``: overflow); bin ``k`` is reported with edges
+    ``lo + k * (hi - lo) / bins`` and ``lo + (k + 1) * (hi - lo) / bins``. When the scale
+    ``s = bins / (hi - lo)`` is a power of two ``>= 1`` and ``lo · s`` an integer
+    (:attr:`HistogramSpec.dyadic_integer`; e.g. ``range=(-2, 6), bins=64``: ``s = 8``) it is
+    evaluated as ``floor(clamp(x, lo − 1/s, hi) · s) − lo · s``, which is exact (a product by a
+    power of two), in float32 for float32, half and bfloat16 activations and in float64 for
+    float64 ones: bins are exactly the half-open ``[left, right)``, values equal to an edge
+    included, tiny values (``-1e-30`` lies in ``[-1/s, 0)``) too. For other ranges it is
+    evaluated as written, in float64, and a value within one float64 rounding of an edge may
+    fall into the neighbouring bin (``x - lo`` rounds when ``|x|`` is far below ``|lo|``).
+    Counts are exact integers (int64), accumulated with one ``bincount`` / ``index_add_`` on
     ``unit * (bins + 3) + slot`` (int32 indices, formed in float32 where they are below
     ``2**24``) per batch: no Python loop over units and no host synchronisation.
 """
@@ -85,6 +90,19 @@ class HistogramSpec:
         return self.bins + _EXTRA_SLOTS
 
     @property
+    def dyadic_integer(self) -> tuple[float, float] | None:
+        """``(scale, lo · scale)`` when the bins admit exact float32 arithmetic: ``scale`` a
+        power of two ``>= 1`` and ``lo · scale`` an integer below ``2**24`` in magnitude (e.g.
+        ``range=(-2, 6), bins=64``: 8 and -16); else ``None``. Then every edge is a float32
+        number and ``floor(x · scale) − lo · scale`` is the bin of a float32 ``x`` exactly."""
+        scale = self.scale
+        m, e = math.frexp(scale)
+        L = self.range[0] * scale
+        if m != 0.5 or e < 1 or L != math.floor(L) or abs(L) + self.bins + 2 >= 2**24:
+            return None
+        return scale, L
+
+    @property
     def scale(self) -> float:
         """``bins / (hi - lo)``: multiply ``x - lo`` by it to get the fractional bin index."""
         lo, hi = self.range
@@ -109,23 +127,31 @@ def accumulate_histogram(
 
     ``x`` holds samples along every dim except ``unit_dim``; ``work`` (float64) and, optional,
     ``slots`` (float32) and ``index`` (int32, or int64) are scratch tensors with the shape of
-    ``x``. Nothing waits for the device. The bin index is computed in float64 as documented;
-    once it is a small integer it is moved to float32 (exact below ``2**24``), offset by the
-    unit and counted by one ``bincount`` (CPU) or ``index_add_`` (other devices) over int32
-    indices: six float64 passes instead of nine, and no float64 -> int64 conversion (which
-    cost as much as three float64 passes).
+    ``x``. Nothing waits for the device. The bin index is computed as documented (module
+    docstring): for bins with :attr:`HistogramSpec.dyadic_integer` and float32, half or
+    bfloat16 activations in seven float32 passes (:func:`_float32_slots`, ``work`` unused);
+    otherwise in float64, then, once it is a small integer, moved to float32 (exact below
+    ``2**24``). It is offset by the unit and counted by one ``bincount`` (CPU) or
+    ``index_add_`` (other devices) over int32 indices.
     """
     units = x.shape[unit_dim]
     lo, _ = spec.range
     total = units * spec.slots
     shape = [1] * x.ndim
     shape[unit_dim] = units
-    # t = (x - lo) * (bins / (hi - lo)) in float64
+    dyadic = spec.dyadic_integer
+    if dyadic is not None and x.dtype in _FLOAT32_EXACT and total < 2**24:
+        _float32_slots(counts, x, spec, dyadic, shape, units, total, slots, index)
+        return
     work.copy_(x)
-    work.sub_(lo).mul_(spec.scale)
     # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
     work.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
-    work.clamp_(-1.0, float(spec.bins)).floor_()
+    if dyadic is not None:  # floor(x s) − L, exact (see _float32_slots), in float64
+        scale, L = dyadic
+        work.clamp_(lo - 1.0 / scale, spec.range[1]).mul_(scale).floor_().sub_(L)
+    else:  # t = (x - lo) * (bins / (hi - lo)) in float64, within a rounding of an edge
+        work.sub_(lo).mul_(spec.scale)
+        work.clamp_(-1.0, float(spec.bins)).floor_()
     narrow = torch.float32 if total < 2**24 else torch.float64  # exact small integers
     idx_dtype = torch.int32 if total < 2**31 else torch.int64
     if slots is None or slots.dtype != narrow:
@@ -138,7 +164,46 @@ def accumulate_histogram(
     if index is None or index.dtype != idx_dtype:
         index = torch.empty_like(slots, dtype=idx_dtype)
     index.copy_(slots)  # exact: non-negative integers
-    index = index.reshape(-1)
+    _count(counts, index.reshape(-1))
+
+
+#: activation dtypes whose values float32 holds exactly (the fast path's input)
+_FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
+                   dyadic: tuple[float, float], shape: list[int], units: int, total: int,
+                   slots: Tensor | None, index: Tensor | None) -> None:
+    """:func:`accumulate_histogram` for dyadic bins (:attr:`HistogramSpec.dyadic_integer`) in
+    float32, bit for bit the float64 path's counts: with ``s = 2**e``, ``L = lo · s``::
+
+        x' = clamp(x, lo − 1/s, hi)       (NaN for non-finite x first; exact comparisons)
+        k  = floor(x' · s) − L            (x' · s exact: a power of two, no overflow)
+
+    so ``k = floor((x − lo) s)`` clamped to ``[−1, bins]``, as the float64 path computes it.
+    Seven float32 passes where the float64 path has six float64 and four float32 ones."""
+    scale, L = dyadic
+    lo, hi = spec.range
+    if slots is None or slots.dtype != torch.float32:
+        slots = torch.empty_like(x, dtype=torch.float32)
+    # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
+    if x.dtype == torch.float32:
+        torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan, out=slots)
+    else:  # half, bfloat16: exact in float32
+        slots.copy_(x).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+    slots.clamp_(lo - 1.0 / scale, hi).mul_(scale).floor_()
+    # slot = k + 1 in [0, bins + 1], non-finite bins + 2; plus unit * slots
+    slots.nan_to_num_(nan=float(spec.bins + 1) + L)
+    offsets = torch.arange(units, device=x.device, dtype=torch.float32).mul_(spec.slots)
+    slots.add_(offsets.add_(1.0 - L).view(shape))
+    idx_dtype = torch.int32 if total < 2**31 else torch.int64
+    if index is None or index.dtype != idx_dtype:
+        index = torch.empty_like(slots, dtype=idx_dtype)
+    index.copy_(slots)  # exact: non-negative integers below 2**24
+    _count(counts, index.reshape(-1))
+
+
+def _count(counts: Tensor, index: Tensor) -> None:
     flat = counts.view(-1)
     if index.device.type == "cpu":
         flat.add_(torch.bincount(index, minlength=flat.numel()))
