@@ -167,6 +167,13 @@ def test_float32_dyadic_path_equals_the_float64_path(bins, lo, hi, dtype) -> Non
     x = v[torch.randperm(v.numel(), generator=gen)][: (v.numel() // 4) * 4].reshape(-1, 4)
     ref = _counts(x.double(), 1, spec)  # float64 input: the float64 path
     np.testing.assert_array_equal(_counts(x, 1, spec), ref)
+    # finite=True (a finite-first reduction found no NaN/Inf) skips two passes, same counts
+    fin = x[torch.isfinite(x).all(1)]
+    for data in (fin, fin.double()):
+        c = torch.zeros(4, spec.slots, dtype=torch.int64)
+        accumulate_histogram(c, data, 1, spec, torch.empty_like(data, dtype=torch.float64),
+                             finite=True)
+        np.testing.assert_array_equal(c.numpy(), _counts(data, 1, spec))
     np.testing.assert_array_equal(_counts(x.T.contiguous(), 0, spec), ref)
     np.testing.assert_array_equal(ref[:, : bins + 2],
                                   brute_force(x.double().numpy(), spec))

@@ -121,7 +121,7 @@ class HistogramSpec:
 
 def accumulate_histogram(
     counts: Tensor, x: Tensor, unit_dim: int, spec: HistogramSpec, work: Tensor,
-    index: Tensor | None = None, slots: Tensor | None = None,
+    index: Tensor | None = None, slots: Tensor | None = None, *, finite: bool = False,
 ) -> None:
     """Add the per-unit bin counts of ``x`` to ``counts`` (``(units, spec.slots)``, int64) in place.
 
@@ -132,7 +132,10 @@ def accumulate_histogram(
     bfloat16 activations in seven float32 passes (:func:`_float32_slots`, ``work`` unused);
     otherwise in float64, then, once it is a small integer, moved to float32 (exact below
     ``2**24``). It is offset by the unit and counted by one ``bincount`` (CPU) or
-    ``index_add_`` (other devices) over int32 indices.
+    ``index_add_`` (other devices) over int32 indices. ``finite=True`` promises that every
+    value of ``x`` is finite (a finite-first reduction of the same batch found it out): the
+    two passes that route non-finite values to their slot are skipped, the counts are the
+    same.
     """
     units = x.shape[unit_dim]
     lo, _ = spec.range
@@ -141,11 +144,11 @@ def accumulate_histogram(
     shape[unit_dim] = units
     dyadic = spec.dyadic_integer
     if dyadic is not None and x.dtype in _FLOAT32_EXACT and total < 2**24:
-        _float32_slots(counts, x, spec, dyadic, shape, units, total, slots, index)
+        _float32_slots(counts, x, spec, dyadic, shape, units, total, slots, index, finite)
         return
     work.copy_(x)
-    # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
-    work.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+    if not finite:  # non-finite values become NaN (so that +-inf are not clamped)
+        work.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
     if dyadic is not None:  # floor(x s) − L, exact (see _float32_slots), in float64
         scale, L = dyadic
         work.clamp_(lo - 1.0 / scale, spec.range[1]).mul_(scale).floor_().sub_(L)
@@ -158,7 +161,8 @@ def accumulate_histogram(
         slots = torch.empty_like(work, dtype=narrow)
     slots.copy_(work)
     # slot = floor(t) + 1 in [0, bins + 1], non-finite bins + 2; plus unit * slots
-    slots.nan_to_num_(nan=float(spec.bins + 1))
+    if not finite:
+        slots.nan_to_num_(nan=float(spec.bins + 1))
     offsets = torch.arange(units, device=x.device, dtype=narrow).mul_(spec.slots).add_(1.0)
     slots.add_(offsets.view(shape))
     if index is None or index.dtype != idx_dtype:
@@ -173,7 +177,7 @@ _FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
 
 def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
                    dyadic: tuple[float, float], shape: list[int], units: int, total: int,
-                   slots: Tensor | None, index: Tensor | None) -> None:
+                   slots: Tensor | None, index: Tensor | None, finite: bool = False) -> None:
     """:func:`accumulate_histogram` for dyadic bins (:attr:`HistogramSpec.dyadic_integer`) in
     float32, bit for bit the float64 path's counts: with ``s = 2**e``, ``L = lo · s``::
 
@@ -181,19 +185,27 @@ def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
         k  = floor(x' · s) − L            (x' · s exact: a power of two, no overflow)
 
     so ``k = floor((x − lo) s)`` clamped to ``[−1, bins]``, as the float64 path computes it.
-    Seven float32 passes where the float64 path has six float64 and four float32 ones."""
+    Seven float32 passes where the float64 path has six float64 and four float32 ones; five
+    for ``finite`` float32 data."""
     scale, L = dyadic
     lo, hi = spec.range
     if slots is None or slots.dtype != torch.float32:
         slots = torch.empty_like(x, dtype=torch.float32)
-    # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
-    if x.dtype == torch.float32:
-        torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan, out=slots)
-    else:  # half, bfloat16: exact in float32
-        slots.copy_(x).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
-    slots.clamp_(lo - 1.0 / scale, hi).mul_(scale).floor_()
+    if finite and x.dtype == torch.float32:
+        torch.clamp(x, lo - 1.0 / scale, hi, out=slots)
+    else:
+        # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
+        if x.dtype == torch.float32:
+            torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan, out=slots)
+        else:  # half, bfloat16: exact in float32
+            slots.copy_(x)
+            if not finite:
+                slots.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+        slots.clamp_(lo - 1.0 / scale, hi)
+    slots.mul_(scale).floor_()
     # slot = k + 1 in [0, bins + 1], non-finite bins + 2; plus unit * slots
-    slots.nan_to_num_(nan=float(spec.bins + 1) + L)
+    if not finite:
+        slots.nan_to_num_(nan=float(spec.bins + 1) + L)
     offsets = torch.arange(units, device=x.device, dtype=torch.float32).mul_(spec.slots)
     slots.add_(offsets.add_(1.0 - L).view(shape))
     idx_dtype = torch.int32 if total < 2**31 else torch.int64

@@ -281,8 +281,9 @@ def summarize(
 
 def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
                  scratch: ScratchPool, *, shift: Tensor | None = None,
-                 fused: bool = True, finite_first: bool | None = None) -> None:
-    """Merge batch ``x`` into ``state`` in place.
+                 fused: bool = True, finite_first: bool | None = None) -> bool | None:
+    """Merge batch ``x`` into ``state`` in place; returns whether every value of ``x`` was
+    finite when a finite-first reduction found it out (its one host read), else ``None``.
 
     ``x`` is reduced in tiles of about :data:`_TILE_ELEMENTS` elements along its first sample
     dim, so that the ~15 elementwise passes of each tile run on cached data; each tile has its
@@ -293,7 +294,7 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     units = x.shape[unit_dim]
     rows = x.numel() // units if units else 0
     if rows == 0:
-        return
+        return None
     split = 1 if unit_dim == 0 else 0  # the first sample dim
     n_split = x.shape[split]
     per_slice = rows // n_split
@@ -303,24 +304,24 @@ def _reduce_into(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     if fused:
         if finite_first is None:
             finite_first = x.device.type in FINITE_FIRST_DEVICES
-        _reduce_fused(state, x, unit_dim, cd, scratch, shift, split, step, rows,
-                      bool(finite_first))
-        return
+        return _reduce_fused(state, x, unit_dim, cd, scratch, shift, split, step, rows,
+                             bool(finite_first))
     if step >= n_split:
         _merge_state_(state, _tile_state(_batch_sums(x, unit_dim, cd, scratch, state, shift),
                                          float(rows)))
-        return
+        return None
     sums = [_batch_sums(x.narrow(split, start, min(step, n_split - start)), unit_dim, cd,
                         scratch, state, shift) for start in range(0, n_split, step)]
     tile_rows = torch.full((len(sums), 1), float(step * per_slice), dtype=torch.float64,
                            device=x.device)
     tile_rows[-1] = float(rows - step * per_slice * (len(sums) - 1))
     _merge_state_(state, _combine_tiles(_tile_state(torch.stack(sums), tile_rows)))
+    return None
 
 
 def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
                   scratch: ScratchPool, shift: Tensor | None, split: int, step: int,
-                  rows: int, finite_first: bool = False) -> None:
+                  rows: int, finite_first: bool = False) -> bool | None:
     """:func:`_reduce_into` with the tiles' sums written by fewer, larger kernels (see
     :func:`_tile_sums_fused`) straight into one ``(tiles, 8, units)`` tensor: the same numbers,
     bit for bit, as the per-tile :func:`_batch_sums` of the reference path. ``finite_first``:
@@ -343,21 +344,25 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
 
     for t in range(n_tiles):
         tile(t, finite_first)
+    all_finite = None
     if finite_first:
         # s1 + s2 of a tile is finite iff its values were (or an overflow: redone as well);
         # a read of CPU memory (finite_first is the default only where that waits for nothing)
+        all_finite = True
         for t, ok in enumerate(torch.isfinite(sums[:, :2].sum((1, 2))).tolist()):
             if not ok:
+                all_finite = False
                 tile(t, False)
     sums64 = sums.to(torch.float64)
     if n_tiles == 1:
         _merge_state_(state, _tile_state(sums64[0], float(rows)))
-        return
+        return all_finite
     per_slice = rows // n_split
     tile_rows = torch.full((n_tiles, 1), float(step * per_slice), dtype=torch.float64,
                            device=x.device)
     tile_rows[-1] = float(rows - step * per_slice * (n_tiles - 1))
     _merge_state_(state, _combine_tiles(_tile_state(sums64, tile_rows)))
+    return all_finite
 
 
 def _tile_sums_fused(x: Tensor, unit_dim: int, cd: torch.dtype, scratch: ScratchPool,
@@ -625,8 +630,8 @@ class RunningStats:
         return self._buffer[:, : self._fill], 0
 
     def _reduce(self, x: Tensor, unit_dim: int, state: Tensor, hist: Tensor | None) -> None:
-        _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch, fused=self.fused,
-                     finite_first=self.finite_first)
+        finite = _reduce_into(state, x, unit_dim, self.compute_dtype, self.scratch,
+                              fused=self.fused, finite_first=self.finite_first)
         if hist is not None:
             assert self.histogram is not None
             split = 1 if unit_dim == 0 else 0
@@ -636,7 +641,8 @@ class RunningStats:
                 work = self.scratch.like("hist", part, torch.float64)
                 slots = self.scratch.like("hist_slots", part, torch.float32)
                 index = self.scratch.like("hist_index", part, torch.int32)
-                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index, slots)
+                accumulate_histogram(hist, part, unit_dim, self.histogram, work, index, slots,
+                                     finite=bool(finite))
 
     def _commit_buffer(self) -> None:
         pending = self._pending()
