@@ -89,9 +89,13 @@ def to_channel(x: Tensor, K: int) -> Tensor:
     """Member layout ``(K, N, C, ...)`` to channel layout ``(N, K·C, ...)`` (a copy), in the
     memory format torch would suggest for one member's ``(N, C, ...)`` slice, so that the
     stack's convolutions see the format (and choose the kernels) of the single runs'."""
-    out = x.movedim(0, 1).reshape(x.shape[1], K * x.shape[2], *x.shape[3:])
+    shape = (x.shape[1], K * x.shape[2], *x.shape[3:])
     fmt = _channels_last(x[0])
-    return out if fmt is None else out.contiguous(memory_format=fmt)
+    if fmt is None:
+        return x.movedim(0, 1).reshape(shape)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out.view(x.shape[1], K, *x.shape[2:]).copy_(x.movedim(0, 1))  # one copy
+    return out
 
 
 def to_member(x: Tensor, K: int) -> Tensor:

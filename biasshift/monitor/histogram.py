@@ -144,7 +144,7 @@ def accumulate_histogram(
     shape[unit_dim] = units
     dyadic = spec.dyadic_integer
     if dyadic is not None and x.dtype in _FLOAT32_EXACT and total < 2**24:
-        _float32_slots(counts, x, spec, dyadic, shape, units, total, slots, index, finite)
+        _float32_slots(counts, x, spec, dyadic, shape, total, slots, index, finite)
         return
     work.copy_(x)
     if not finite:  # non-finite values become NaN (so that +-inf are not clamped)
@@ -156,18 +156,25 @@ def accumulate_histogram(
         work.sub_(lo).mul_(spec.scale)
         work.clamp_(-1.0, float(spec.bins)).floor_()
     narrow = torch.float32 if total < 2**24 else torch.float64  # exact small integers
-    idx_dtype = torch.int32 if total < 2**31 else torch.int64
     if slots is None or slots.dtype != narrow:
         slots = torch.empty_like(work, dtype=narrow)
     slots.copy_(work)
-    # slot = floor(t) + 1 in [0, bins + 1], non-finite bins + 2; plus unit * slots
+    _count_slots(counts, slots, 1.0, spec, shape, total, index, finite)
+
+
+def _count_slots(counts: Tensor, slots: Tensor, first: float, spec: HistogramSpec,
+                 shape: list[int], total: int, index: Tensor | None, finite: bool) -> None:
+    """Count ``slots``, which holds ``slot − first`` per value (``slot`` in ``[0, bins + 1]``;
+    NaN for a non-finite value, whose slot is ``bins + 2``), offset by ``unit · spec.slots``."""
     if not finite:
-        slots.nan_to_num_(nan=float(spec.bins + 1))
-    offsets = torch.arange(units, device=x.device, dtype=narrow).mul_(spec.slots).add_(1.0)
-    slots.add_(offsets.view(shape))
+        slots.nan_to_num_(nan=float(spec.bins + 2) - first)
+    units = counts.shape[0]
+    offsets = torch.arange(units, device=slots.device, dtype=slots.dtype).mul_(spec.slots)
+    slots.add_(offsets.add_(first).view(shape))
+    idx_dtype = torch.int32 if total < 2**31 else torch.int64
     if index is None or index.dtype != idx_dtype:
         index = torch.empty_like(slots, dtype=idx_dtype)
-    index.copy_(slots)  # exact: non-negative integers
+    index.copy_(slots)  # exact: non-negative integers below 2**24 (float32) or 2**53
     _count(counts, index.reshape(-1))
 
 
@@ -176,7 +183,7 @@ _FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
-                   dyadic: tuple[float, float], shape: list[int], units: int, total: int,
+                   dyadic: tuple[float, float], shape: list[int], total: int,
                    slots: Tensor | None, index: Tensor | None, finite: bool = False) -> None:
     """:func:`accumulate_histogram` for dyadic bins (:attr:`HistogramSpec.dyadic_integer`) in
     float32, bit for bit the float64 path's counts: with ``s = 2**e``, ``L = lo · s``::
@@ -191,28 +198,19 @@ def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
     lo, hi = spec.range
     if slots is None or slots.dtype != torch.float32:
         slots = torch.empty_like(x, dtype=torch.float32)
-    if finite and x.dtype == torch.float32:
-        torch.clamp(x, lo - 1.0 / scale, hi, out=slots)
+    if finite:  # one pass from x (half, bfloat16: exact in float32)
+        torch.clamp(x.float() if x.dtype != torch.float32 else x, lo - 1.0 / scale, hi,
+                    out=slots)
     else:
         # non-finite values become NaN (so that +-inf are not clamped into the outer bins)
         if x.dtype == torch.float32:
             torch.nan_to_num(x, nan=math.nan, posinf=math.nan, neginf=math.nan, out=slots)
-        else:  # half, bfloat16: exact in float32
-            slots.copy_(x)
-            if not finite:
-                slots.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+        else:
+            slots.copy_(x).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
         slots.clamp_(lo - 1.0 / scale, hi)
-    slots.mul_(scale).floor_()
-    # slot = k + 1 in [0, bins + 1], non-finite bins + 2; plus unit * slots
-    if not finite:
-        slots.nan_to_num_(nan=float(spec.bins + 1) + L)
-    offsets = torch.arange(units, device=x.device, dtype=torch.float32).mul_(spec.slots)
-    slots.add_(offsets.add_(1.0 - L).view(shape))
-    idx_dtype = torch.int32 if total < 2**31 else torch.int64
-    if index is None or index.dtype != idx_dtype:
-        index = torch.empty_like(slots, dtype=idx_dtype)
-    index.copy_(slots)  # exact: non-negative integers below 2**24
-    _count(counts, index.reshape(-1))
+    # floor(x' s) = slot − 1 + L: counted with first = 1 − L
+    _count_slots(counts, slots.mul_(scale).floor_(), 1.0 - L, spec, shape, total, index,
+                 finite)
 
 
 def _count(counts: Tensor, index: Tensor) -> None:

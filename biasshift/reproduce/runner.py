@@ -793,15 +793,12 @@ def plan_stacks(analysis: Analysis, specs: Sequence[RunSpec], settings: Settings
 
 
 def _plain_sgd(analysis: Analysis, spec: RunSpec, model: nn.Module) -> bool:
-    """Whether the analysis trains ``spec`` with a ``torch.optim.SGD`` a stack can run (one
-    parameter group, not maximizing)."""
+    """Whether the analysis trains ``spec`` with an optimizer a stack can run
+    (:func:`~biasshift.train.batched.sgd_refusal`)."""
+    from biasshift.train.batched import sgd_refusal
+
     factory = analysis.optimizer(spec)
-    if factory is None:
-        return True
-    opt = factory(model)
-    return (type(opt) is torch.optim.SGD and len(opt.param_groups) == 1
-            and not opt.param_groups[0].get("maximize", False)
-            and opt.param_groups[0]["lr"] == spec.lr)
+    return factory is None or sgd_refusal(factory(model), spec.lr) is None
 
 
 def _has_conv(model: nn.Module) -> bool:

@@ -71,7 +71,8 @@ from biasshift.models.stacked import StackedSequential, stackable
 from biasshift.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biasshift.train.trainer import HISTORY_NAME, Trainer, derive_seed
 
-__all__ = ["STACK_CHECKPOINT", "BatchedTrainer", "batchable", "member_bytes", "stack_size"]
+__all__ = ["STACK_CHECKPOINT", "BatchedTrainer", "batchable", "member_bytes", "sgd_refusal",
+           "stack_size"]
 
 STACK_CHECKPOINT = "stack.pt"
 
@@ -90,14 +91,19 @@ def batchable(trainer: Trainer) -> str | None:
         return (f"its reconstruction loss is {trainer.reconstruction_loss!r}"
                 f"{' on logits' if trainer.reconstruction_logits else ''}; a stack trains "
                 "the summed squared error of the model's output only")
-    opt = trainer.optimizer
+    return sgd_refusal(trainer.optimizer, trainer.lr)
+
+
+def sgd_refusal(opt: torch.optim.Optimizer, lr: float) -> str | None:
+    """``None`` when a stack can run ``opt`` (``torch.optim.SGD``, one parameter group at
+    ``lr``, any momentum and weight decay, not maximizing), else why not."""
     if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
         return f"its optimizer is {type(opt).__name__}, not torch.optim.SGD with one group"
     g = opt.param_groups[0]
     if g.get("maximize", False) or g.get("differentiable", False):
         return "its SGD maximizes or is differentiable"
-    if g.get("lr") != trainer.lr:
-        return f"its SGD's lr {g.get('lr')!r} is not the trainer's lr {trainer.lr!r}"
+    if g.get("lr") != lr:
+        return f"its SGD's lr {g.get('lr')!r} is not the trainer's lr {lr!r}"
     return None
 
 
@@ -449,12 +455,10 @@ class BatchedTrainer:
         # the plug-ins' evaluation callbacks bracket the stack's batched evaluation, and then
         # (in the member's _evaluate_epoch) its own probe, as the single run's bracket both
         for k in live:
-            for p in self.trainers[k].plugins:
-                getattr(p, "on_evaluate_start", _noop)(self.trainers[k])
+            self.trainers[k]._evaluation_callbacks("start")
         values = self.evaluate()
         for k in live:
-            for p in self.trainers[k].plugins:
-                getattr(p, "on_evaluate_end", _noop)(self.trainers[k])
+            self.trainers[k]._evaluation_callbacks("end")
         with self._batched_evaluation(values):
             for k in live:
                 t = self.trainers[k]
@@ -545,10 +549,6 @@ class BatchedTrainer:
             self._save_stack(None)
 
 
-def _noop(*_: Any) -> None:
-    pass
-
-
 class _StackedSGD:
     r"""``torch.optim.SGD`` for every member of a stack at once, each with its own ``lr``,
     ``momentum``, ``dampening``, ``weight_decay`` and ``nesterov`` (the members' optimizers'
@@ -570,7 +570,7 @@ class _StackedSGD:
                  device: torch.device) -> None:
         self.stack, self.trainers, self.device = stack, list(trainers), device
         self.K = len(self.trainers)
-        self.params = [p for p in stack.parameters()]
+        self.params = list(stack.parameters())
         groups = [t.optimizer.param_groups[0] for t in self.trainers]
         self._hp = {k: [float(g[k]) for g in groups]
                     for k in ("momentum", "dampening", "weight_decay")}
@@ -606,11 +606,8 @@ class _StackedSGD:
 
     def _buffer(self, j: int) -> Tensor:
         buf = self.buffers[j]
-        if buf is None:
-            p = self.params[j]
-            buf = self.buffers[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if buf.stride() != p.stride():  # the members' views are laid out like p
-                buf = self.buffers[j] = p.detach().clone().zero_()
+        if buf is None:  # laid out like the (dense) parameter, as the members' views are
+            buf = self.buffers[j] = torch.zeros_like(self.params[j])
         return buf
 
     def lr(self) -> Tensor:

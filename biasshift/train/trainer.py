@@ -655,18 +655,21 @@ class Trainer:
                 p.on_after_step(self, step, x, y, loss)
         return total / xs.shape[0]
 
+    def _evaluation_callbacks(self, when: str) -> None:
+        """The plug-ins' optional ``on_evaluate_start``/``on_evaluate_end`` (``when``)."""
+        for p in self.plugins:
+            getattr(p, f"on_evaluate_{when}", _noop)(self)
+
     def _evaluate_epoch(self, epoch: int, running: Tensor | None) -> tuple[dict[str, float], bool]:
         """Evaluate, record the epoch's rows; returns (metrics, finite) with one host transfer."""
-        for p in self.plugins:
-            getattr(p, "on_evaluate_start", _noop)(self)
+        self._evaluation_callbacks("start")
         try:
             values = self.evaluate()
             probe = None
             if self.probe_x is not None:
                 probe = self.probe()
         finally:
-            for p in self.plugins:
-                getattr(p, "on_evaluate_end", _noop)(self)
+            self._evaluation_callbacks("end")
         if running is not None:
             values["running_loss"] = running
         if probe is not None:
