@@ -611,3 +611,30 @@ def test_kept_work_blocks_do_not_leak_between_measurements(arch: str) -> None:
                 assert torch.equal(got.tensors[layer][q].nan_to_num(), v.nan_to_num()), (
                     step, layer, q)
         opt.step()
+
+
+@pytest.mark.parametrize("n, P, budget", [(128, 512, 2**28), (37, 50, 2**28), (300, 64, 2**14),
+                                          (5, 3, 1)])
+@pytest.mark.parametrize("mirror", [True, False])
+def test_strip_gram_equals_weighted_gram(n: int, P: int, budget: int, mirror: bool) -> None:
+    """Every unit's Σ_p W_up x_p x_pᵀ against a dense float64 einsum: strips that do not divide
+    n, row chunks (small budgets), the mirrored lower triangle or zeros below the strips."""
+    from biasshift.fisher.bias_shift_probe import _strip_gram
+
+    g = torch.Generator().manual_seed(n + P)
+    X = torch.randn(P, n, generator=g, dtype=torch.float64)
+    W = torch.rand(7, P, generator=g, dtype=torch.float64)
+    ref = torch.einsum("up,pi,pj->uij", W, X, X)
+    out = torch.full((7, n, n), float("nan"), dtype=torch.float64)  # stale workspace contents
+    A = _strip_gram(X, W, budget, mirror=mirror, out=out)
+    assert A is out
+    if mirror:
+        torch.testing.assert_close(A, ref, rtol=1e-12, atol=1e-12)
+    else:
+        upper = torch.ones(n, n, dtype=torch.bool).triu()
+        h = max(8, -(-n // 32))
+        strips = (torch.arange(n)[:, None] // h) <= (torch.arange(n)[None, :] // h)
+        torch.testing.assert_close(A[:, upper], ref[:, upper], rtol=1e-12, atol=1e-12)
+        # below the diagonal: the diagonal strips' blocks are full, the rest is zero
+        assert torch.equal(A[:, ~strips], torch.zeros_like(A[:, ~strips]))
+        torch.testing.assert_close(A[:, strips], ref[:, strips], rtol=1e-12, atol=1e-12)
