@@ -638,3 +638,35 @@ def test_strip_gram_equals_weighted_gram(n: int, P: int, budget: int, mirror: bo
         # below the diagonal: the diagonal strips' blocks are full, the rest is zero
         assert torch.equal(A[:, ~strips], torch.zeros_like(A[:, ~strips]))
         torch.testing.assert_close(A[:, strips], ref[:, strips], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("condition", [False, True])
+def test_unit_chunks_and_strip_chunks_do_not_change_the_measurement(monkeypatch,
+                                                                    condition: bool) -> None:
+    """A 1 MiB budget splits every layer into unit chunks (the sample-space first layer,
+    P = 300 < 400 inputs: one unit per chunk; the parameter-space layers: 3-15 units), and a
+    small STRIP_BYTES splits every strip Gram into row chunks: the same numbers as one chunk
+    per layer, to rounding."""
+    from biasshift.fisher import bias_shift_probe as bsp
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(400, 64), nn.ELU(), nn.Linear(64, 128), nn.ELU(),
+                          nn.Linear(128, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 400, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (300,), generator=g)
+    F.cross_entropy(model(x[:64]), y[:64]).backward()
+
+    def measure(budget: int) -> torch.Tensor:
+        probe = BiasShiftProbe(model, x, y, damping=1e-3, dtype=torch.float64,
+                               memory_budget=budget, condition=condition)
+        with probe.measure() as m:
+            pass
+        assert m.values is not None
+        return m.values
+
+    whole = measure(2**31)
+    monkeypatch.setattr(bsp, "STRIP_BYTES", 4096)
+    split = measure(2**20)
+    assert torch.isfinite(whole[:, 64:]).all()  # the parameter-space layers: every quantity
+    torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-12, equal_nan=True)
