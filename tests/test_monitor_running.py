@@ -423,17 +423,19 @@ def _layout_batch(layout: str, n: int, units: int, gen: torch.Generator,
     tile=st.sampled_from([None, 40]),
     nonfinite=st.booleans(),
     finite_first=st.sampled_from([None, False, True]),
+    width=st.sampled_from([None, 3, 8]),
     seed=st.integers(0, 2**16),
 )
 def test_fused_equals_tiled_reference_bit_for_bit(layout, units, sizes, dtype, scale, offset,
                                                   buffer_rows, tile, nonfinite, finite_first,
-                                                  seed) -> None:
+                                                  width, seed) -> None:
     """The fused path (default), with and without finite-first tiles (the CPU's default: some
     tiles finite, others redone with the masked kernels), and the tiled reference
     (``fused=False``) give the same state bit for bit, whatever the layout, dtype, tiling and
     staging; on finite data and with NaN/±inf mixed in (the weaker "equal to float64
     rounding" holds a fortiori). Counts are compared exactly and checked against brute force
-    too."""
+    too. ``width``: the fused extremes on regrouped rows (:func:`running._extreme_into`) even
+    for these small tiles."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for n in sizes:
@@ -448,6 +450,8 @@ def test_fused_equals_tiled_reference_bit_for_bit(layout, units, sizes, dtype, s
     with pytest.MonkeyPatch.context() as mp:
         if tile is not None:
             mp.setattr(running, "_TILE_ELEMENTS", tile)
+        if width is not None:
+            mp.setattr(running, "_EXTREME_WIDTH", width)
         fused = RunningStats(units, compute_dtype=cd, buffer_rows=buffer_rows,
                              finite_first=finite_first)
         ref = RunningStats(units, compute_dtype=cd, buffer_rows=buffer_rows, fused=False)
@@ -503,3 +507,31 @@ def test_finite_first_redoes_exactly_the_tiles_with_nonfinite_sums(poison: str,
     assert torch.equal(got, summarize(x, 1, finite_first=False))
     stats = state_to_stats(got)
     assert stats["nonfinite"].tolist() == ([0, 1, 0, 0] if poison != "overflow" else [0] * 4)
+
+
+@pytest.mark.parametrize("shape", [(1000, 2), (1001, 30), (37, 5), (5, 7), (4, 3), (64, 9, 8),
+                                   (300, 1), (2050, 513)])
+@pytest.mark.parametrize("fn", [torch.amin, torch.amax])
+def test_extremes_on_regrouped_rows_equal_the_plain_reduction(shape, fn) -> None:
+    """``_extreme_into`` (rows regrouped to wide rows, then the partial results and the
+    remainder rows reduced) gives exactly ``fn(x, dims)``: units-last 2-D and 3-D tiles, row
+    counts with and without a remainder, too few rows to regroup, NaN and ±inf; other layouts
+    take the plain reduction."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen)
+    x.view(-1)[::97] = math.inf
+    x.view(-1)[5::101] = -math.inf
+    units = shape[-1]
+    dims = list(range(len(shape) - 1))
+    for t in (x, torch.where(torch.rand(shape, generator=gen) < 0.01, math.nan, x)):
+        for width in (8, 1024):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(running, "_EXTREME_WIDTH", width)
+                out = torch.empty(units)
+                running._extreme_into(fn, t, t.ndim - 1, dims, out)
+            torch.testing.assert_close(out, fn(t, dims), rtol=0, atol=0, equal_nan=True)
+    # units first (unit dim 0): the plain reduction
+    out = torch.empty(shape[0])
+    running._extreme_into(fn, x.movedim(0, -1).contiguous().movedim(-1, 0), 0,
+                          list(range(1, x.ndim)), out)
+    torch.testing.assert_close(out, fn(x, list(range(1, x.ndim))), rtol=0, atol=0)
