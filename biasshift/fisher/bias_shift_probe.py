@@ -263,8 +263,10 @@ def _strip_gram(X: Tensor, W: Tensor, budget: int, mirror: bool = True,
         for r0 in range(0, P, rows):
             Xi, Xj = X[r0:r0 + rows, i0:i1], X[r0:r0 + rows, i0:]
             Z = (Xi.unsqueeze(-1) * Xj.unsqueeze(-2)).reshape(Xi.shape[0], hi * w)
-            part = W[:, r0:r0 + rows] @ Z
-            strip = part if strip is None else strip.add_(part)
+            if strip is None:
+                strip = W[:, r0:r0 + rows] @ Z
+            else:  # accumulated by the GEMM itself: no temporary per row chunk
+                strip.addmm_(W[:, r0:r0 + rows], Z)
         assert strip is not None
         blk = strip.view(-1, hi, w)
         A[:, i0:i1, i0:] = blk
@@ -899,9 +901,9 @@ class BiasShiftProbe:
             Md = self._work.empty("damped", M0.shape, M0.dtype, M0.device).copy_(M0)
             Md.diagonal(dim1=-2, dim2=-1).add_(lam[s].unsqueeze(-1))
             # undamped: the paper's k and E_q(a)ᵀVar_q(a)⁻¹E_q(a) (NaN where singular)
+            und = _CholeskySolve(M0, overwrite=True, triangle="both" if full else "upper")
             E = mu + e
             rhs0 = E.unsqueeze(-1)
-            und = _CholeskySolve(M0, overwrite=True, triangle="both" if full else "upper")
             z0 = und(rhs0)
             cs, es = c[s], e
             apply0 = self._apply_M(Xc, W[s], e, torch.zeros_like(lam[s]))

@@ -78,7 +78,7 @@ round to 1e-10 and cost the variance of data like ``1e6 + 1e-3 N(0, 1)`` its las
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -368,7 +368,8 @@ def _reduce_fused(state: Tensor, x: Tensor, unit_dim: int, cd: torch.dtype,
     return all_finite
 
 
-def _extreme_into(fn: Any, x: Tensor, unit_dim: int, dims: list[int], out: Tensor) -> None:
+def _extreme_into(fn: Callable[..., Tensor], x: Tensor, unit_dim: int, dims: list[int],
+                  out: Tensor) -> None:
     """``fn(x, dims, out=out)`` for ``fn`` = ``torch.amin``/``torch.amax``, the same values.
 
     On the CPU (torch 2.13, one thread) a min or max over the rows of a ``(rows, units)`` tile
