@@ -51,7 +51,7 @@ def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          steps: int = 150, every: int = 15) -> list[float]:
+          steps: int = 150, every: int = 1) -> list[float]:
     g = torch.Generator().manual_seed(1)
     losses = [full_loss(model, x, y)]
     for t in range(steps):
@@ -69,15 +69,20 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
 @pytest.mark.parametrize("lr", [0.01, 0.05, 0.1])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_defaults_are_stable_at_sgd_learning_rates(family: str, lr: float, digits) -> None:
-    """150 mini-batch steps of 64 digits with the defaults: every full-batch loss finite, the
-    last at most half the first (a divergence would raise DivergenceError here)."""
+    """150 mini-batch steps of 64 digits with the defaults, the full-batch loss after every
+    step: all finite, none 10% above the first, no step raising it by more than a third, and the
+    last at most half the first (a divergence would raise DivergenceError here).  With the
+    block-model clip of earlier versions the 8x128 nets jumped 9-86x in one step; SGD at
+    lr 0.1 takes the 8x128 ELU net to NaN."""
     x, y = digits
     x = x if family == "strided-conv" else x.flatten(1)
     torch.manual_seed(0)
     model = FAMILIES[family]()
     opt = UnitNaturalGradient(model, lr=lr)
-    losses = train(model, opt, x, y)
-    assert all(torch.isfinite(torch.tensor(losses))), losses
+    losses = torch.tensor(train(model, opt, x, y))
+    assert torch.isfinite(losses).all(), losses
+    assert losses.max() <= 1.1 * losses[0], losses
+    assert (losses[1:] / losses[:-1]).max() <= 4 / 3, losses
     assert losses[-1] <= 0.5 * losses[0], losses
 
 
@@ -183,10 +188,12 @@ def test_relative_damping_step_equals_dense_solve() -> None:
 
 
 def test_kl_clip_bounds_the_quadratic_model_of_every_step() -> None:
-    """``lr² Σ gᵀ(F+λI)⁻¹g`` of the applied step is at most ``kl_clip`` (one group)."""
+    """``trust_region="units"``: ``lr² Σ gᵀ(F+λI)⁻¹g`` of the applied step is at most
+    ``kl_clip`` (one group), with equality when the clip is active."""
     model = tiny(4)
     kl = 1e-4
-    opt = UnitNaturalGradient(model, lr=10.0, kl_clip=kl, update_every=1, modules=[model[0]])
+    opt = UnitNaturalGradient(model, lr=10.0, kl_clip=kl, update_every=1, modules=[model[0]],
+                              trust_region="units")
     x, y = batch(5)
     for t in range(4):
         before = model[0].weight.detach().clone(), model[0].bias.detach().clone()

@@ -120,6 +120,15 @@ class LayerAdapter:
         order)."""
         raise NotImplementedError
 
+    def net_change(self, spec: LayerSpec, x: Tensor, dw: Tensor, db: Tensor | None) -> Tensor:
+        """The change of the layer's output on input ``x`` when its weight changes by ``dw`` and
+        its bias by ``db`` (``None``: unchanged): the layer's forward with ``(dw, db)`` as its
+        parameters, since the output is linear in them."""
+        params = {"weight": dw}
+        if getattr(spec.module, "bias", None) is not None:
+            params["bias"] = db if db is not None else torch.zeros_like(spec.module.bias)
+        return torch.func.functional_call(spec.module, params, (x,))
+
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on ``(N, F)`` (``L = 1``) or ``(N, *, F)`` (the extra dimensions are
@@ -145,6 +154,9 @@ class LinearAdapter(LayerAdapter):
 
     def unit_view(self, spec: LayerSpec, out: Tensor) -> Tensor:
         return out.reshape(out.shape[0], -1, spec.units)
+
+    def net_change(self, spec: LayerSpec, x: Tensor, dw: Tensor, db: Tensor | None) -> Tensor:
+        return Fn.linear(x, dw, db)
 
 
 class _ConvAdapter(LayerAdapter):
@@ -190,6 +202,9 @@ class _ConvAdapter(LayerAdapter):
 
     def unit_view(self, spec: LayerSpec, out: Tensor) -> Tensor:
         return out.movedim(1, -1).reshape(out.shape[0], -1, spec.units)
+
+    def net_change(self, spec: LayerSpec, x: Tensor, dw: Tensor, db: Tensor | None) -> Tensor:
+        return spec.module._conv_forward(x, dw, db)  # type: ignore[operator]
 
 
 class Conv2dAdapter(_ConvAdapter):

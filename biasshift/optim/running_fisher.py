@@ -259,15 +259,64 @@ class RunningLayerFisher:
         d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=0)
         return a, d, samples
 
-    def update(self, ema: float) -> bool:
-        """Fold the committed backward passes into the EMA; ``False`` when there were none.
+    def take(self) -> list[list[_Record]]:
+        """The committed backward passes since the last :meth:`take`/:meth:`update` (each a list
+        of the layer's forward calls in that pass), handed over and dropped here."""
+        batches = self._batches
+        self._batches = []
+        self._pending.clear()
+        return batches
+
+    def step_products(self, batches: list[list[_Record]], dw: Tensor,
+                      db: Tensor | None) -> list[Tensor] | None:
+        r"""Per sample, the directional derivative of its loss along the step ``(db, dw)``.
+
+        For sample ``x`` of a pass with ``N`` samples this is ``g_xᵀ d = Σ_{positions, units}
+        ∂ℓ_x/∂net · Δnet``, with ``Δnet`` the change of the layer's net input that the
+        parameter change ``(db, dw)`` makes (the layer is linear in its parameters, so
+        ``Δnet`` is the layer's own forward with ``(dw, db)`` as weights) and
+        ``∂ℓ_x/∂net = N · grad_output`` (``reduction="sum"``: ``grad_output``).  A layer
+        called several times in a pass adds its calls.  Summed over the layers of a network,
+        ``mean_x (g_xᵀ d)²`` is the batch's exact empirical Fisher ``dᵀ F d`` of the whole step,
+        cross-unit and cross-layer terms included.
+
+        Returns one ``(N,)`` tensor per pass, or ``None`` when a call's batch size differs from
+        its pass's (samples cannot be lined up).  No host synchronisation.
+        """
+        spec = self.spec
+        out: list[Tensor] = []
+        for batch in batches:
+            samples = max(r.samples for r in batch)
+            s: Tensor | None = None
+            for r in batch:
+                if r.samples != samples or r.grad_out.shape[0] != samples:
+                    return None
+                if r.x._version != r.version:
+                    raise RuntimeError(
+                        f"layer {spec.name!r}: its input was modified in place between the "
+                        "forward pass and optimizer.step(); UnitNaturalGradient needs the input "
+                        "as the forward pass saw it (clone it before modifying it)"
+                    )
+                go = r.grad_out
+                x = r.x if r.x.dtype == dw.dtype else r.x.to(dw.dtype)
+                dnet = spec.adapter.net_change(spec, x, dw, db)
+                if go.dtype != dnet.dtype:
+                    go = go.to(dnet.dtype)
+                part = (go.reshape(samples, -1) * dnet.reshape(samples, -1)).sum(1)
+                s = part if s is None else s + part
+            assert s is not None
+            out.append(s * samples if self.reduction == "mean" else s)
+        return out
+
+    def update(self, ema: float, batches: list[list[_Record]] | None = None) -> bool:
+        """Fold the committed backward passes (or ``batches`` from :meth:`take`) into the EMA;
+        ``False`` when there were none.
 
         ``F ← ema·F + (1 − ema)·F_batch`` chunk by chunk of units (one ``baddbmm`` per chunk);
         no host synchronisation.
         """
-        batches = self._batches
-        self._batches = []
-        self._pending.clear()
+        if batches is None:
+            batches = self.take()
         if not batches:
             return False
         spec = self.spec
