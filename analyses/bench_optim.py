@@ -9,7 +9,8 @@ of the model, same initial weights):
 * ``ung defaults`` — ``UnitNaturalGradient(model, lr)``: statistics every 20th step (after a
   20-step warm-up), factors when the EMA has moved or every 200 steps, Cholesky solves;
 * ``ung u=U i=I`` — other ``update_every``/``inverse_every``; ``inverse`` the explicit-inverse
-  form.
+  form; ``units-region`` the block-model trust region (no per-step recording, no extra
+  forward of each layer: the cost of the default network trust region is the difference).
 
 Every setting first runs ``--warmup`` steps (past the optimiser's warm-up, so that the timed
 steps are the steady state), then the settings run interleaved (round-robin, ``--steps`` steps
@@ -49,6 +50,7 @@ SETTINGS = [
     ("ung u=10 i=100", dict(update_every=10, inverse_every=100)),
     ("ung u=1 i=20", dict(update_every=1, inverse_every=20)),
     ("ung inverse", dict(factor="inverse")),
+    ("ung units-region", dict(trust_region="units")),
 ]
 
 
