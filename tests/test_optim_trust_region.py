@@ -69,10 +69,6 @@ def batch(seed: int, shape: tuple[int, ...], n: int = 12) -> tuple[torch.Tensor,
     return torch.randn(n, *shape, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
-def layer_names(opt: UnitNaturalGradient) -> list[str]:
-    return list(opt.layers)
-
-
 def loss_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients of the cross-entropy ``ℓ_x`` (minus those of ``ln p``)."""
     return {k: -v for k, v in per_sample_grads(model, x, y).items()}
@@ -135,6 +131,18 @@ def test_step_products_refuse_misaligned_calls() -> None:
 
 
 # ------------------------------------------------------------------------------ the step
+def take_step(model: nn.Module, opt: UnitNaturalGradient, x: torch.Tensor, y: torch.Tensor,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One optimiser step on the mean cross-entropy; the parameters before it and the
+    gradients it applied, by name."""
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
+    opt.step()
+    return before, grads
+
+
 def applied_quadratics(model: nn.Module, opt: UnitNaturalGradient, x: torch.Tensor,
                        y: torch.Tensor, nu_tol: float = 1e-6) -> tuple[float, float, float]:
     """One step; returns the batch's empirical Fisher along the applied step of the
@@ -142,11 +150,7 @@ def applied_quadratics(model: nn.Module, opt: UnitNaturalGradient, x: torch.Tens
     parameters the gradient was taken at), the block model of the applied step
     ``Σ Δθ_uᵀ (F̂+λI) Δθ_u`` (from the factors), and the step's scale ``ν``."""
     G = loss_grads(model, x, y)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
-    opt.step()
+    before, grads = take_step(model, opt, x, y)
     after = dict(model.named_parameters())
     s = torch.zeros(x.shape[0], dtype=F64)
     block = 0.0
@@ -246,12 +250,7 @@ def test_sgd_parameters_and_unclipped_groups_are_not_scaled() -> None:
                "kl_clip": None}]
     opt = UnitNaturalGradient(groups, modules=model, lr=5.0, kl_clip=1e-4, update_every=1,
                               damping=1e-1)
-    x, y = batch(40, (6,))
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
-    opt.step()
+    before, grads = take_step(model, opt, *batch(40, (6,)))
     now = dict(model.named_parameters())
     for k in ("2.weight", "2.bias"):
         torch.testing.assert_close(now[k].detach(), before[k] - 5.0 * grads[k], rtol=0,

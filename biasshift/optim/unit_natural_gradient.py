@@ -634,8 +634,9 @@ class UnitNaturalGradient(torch.optim.Optimizer):
         captured: list[tuple[_Layer, list[Any]]] = []
         for layer in self._layers:
             hp = self._group(layer.weight)
-            batches = layer.running.take() if layer.running.recording else []
-            layer.running.discard()
+            batches = layer.running.take()  # the passes of this step's gradient
+            if not layer.running.recording:
+                batches = []
             self._update_statistics(layer, hp, t, batches)
             if self._due(layer, hp):
                 self._refresh(layer, hp)
@@ -746,8 +747,10 @@ class UnitNaturalGradient(torch.optim.Optimizer):
             if prods:
                 sq = sum((p.square().sum() for p in prods[1:]), prods[0].square().sum())
                 total = float(sum(p.shape[0] for p in prods))
-                parts[key] = torch.stack([sq.double(), sq.new_tensor(total, dtype=torch.float64),
-                                          sq.new_ones((), dtype=torch.float64)])
+                # filled on the device (no host-to-device copy per step)
+                parts[key] = torch.stack([
+                    sq.double(), torch.full((), total, dtype=torch.float64, device=sq.device),
+                    torch.ones((), dtype=torch.float64, device=sq.device)])
         comm = _dist.sync_group(self.sync, self.process_group)
         if comm is not None:
             # every rank adds its samples; a rank whose passes did not line up (or that had
