@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from biasshift.cli import main
@@ -43,6 +44,35 @@ def test_registered_with_the_study_presets() -> None:
     assert o["optimizers"] == ("sgd", "ung") and o["fisher"] == "exact"
     assert (o["track_probe"], o["per_decade"], o["track_ung"]) == (512, 8, True)
     assert quick.dataset == "digits" and quick.options["track_ung"] is False
+
+
+def test_the_natural_gradient_runs_take_the_optimizers_defaults() -> None:
+    """The presets' ``ung_*`` options are UnitNaturalGradient's defaults (so the study is
+    rerun whenever they change), the factory passes every one of them, and a spec saved
+    before ``ung_trust_region`` existed gets the block-model region it was run with."""
+    import inspect
+
+    from biasshift.optim import UnitNaturalGradient
+    from biasshift.reproduce.natural_gradient_gap import ung_factory
+
+    defaults = {k: v.default for k, v in
+                inspect.signature(UnitNaturalGradient.__init__).parameters.items()}
+    for preset in ("paper", "quick"):
+        o = get_analysis(NAME).presets[preset].options
+        for key in ("damping", "ema", "inverse_every", "update_every", "kl_clip",
+                    "trust_region"):
+            assert o[f"ung_{key}"] == defaults[key], (preset, key)
+    assert defaults["damping_mode"] == "relative"
+    s = resolve_settings(NAME, quick=True, options={"ung_trust_region": "units",
+                                                    "ung_kl_clip": "0.02"})
+    ung = next(sp for sp in get_analysis(NAME).run_specs(s) if sp.optimizer == "ung")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ELU(), torch.nn.Linear(4, 2))
+    opt = ung_factory(ung)(model)
+    hp = opt.param_groups[0]
+    assert (hp["trust_region"], hp["kl_clip"], hp["damping"]) == ("units", 0.02, 0.1)
+    old = RunSpec(**{**ung.__dict__, "options": {k: v for k, v in ung.options.items()
+                                                 if k != "ung_trust_region"}})
+    assert ung_factory(old)(model).param_groups[0]["trust_region"] == "units"
 
 
 def test_run_specs_cross_activations_optimizers_and_seeds() -> None:
@@ -80,7 +110,8 @@ def test_options_are_converted_and_checked() -> None:
                      ({"optimizers": "sgd,adam"}, "choose distinct names from sgd,ung"),
                      ({"fisher": "true"}, "choose one of empirical, mc, exact"),
                      ({"damping": "-1"}, "must be >= 0"),
-                     ({"ung_ema": "1"}, r"must be in \[0, 1\)")):
+                     ({"ung_ema": "1"}, r"must be in \[0, 1\)"),
+                     ({"ung_trust_region": "layer"}, "choose one of network, units")):
         with pytest.raises(UsageError, match=msg):
             resolve_settings(NAME, quick=True, options=bad)
     with pytest.raises(UsageError, match="activation-median takes no --option"):
@@ -181,7 +212,7 @@ def test_figure_states_what_was_run(quick: bool, tmp_path) -> None:
     title = fig._suptitle.get_text()
     assert ("quick preset" in title) == quick
     for part in ("digits", "3 epochs", "2 seeds", "exact Fisher", "damping λ = 0.001",
-                 "UNG lr 0.01", "relative damping 0.001", "kl_clip 0.001"):
+                 "UNG lr 0.01", "relative damping 0.1", "kl_clip 0.1 (network region)"):
         assert part in title
     panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
     assert [ax.get_title(loc="left")[0] for ax in panels] == list("abcdef")

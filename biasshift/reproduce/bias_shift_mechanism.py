@@ -27,7 +27,12 @@ Arms (option ``arms``; each ``ACTIVATION[/bn][/ci]``, trained with plain SGD at 
     bias_shift_mechanism_lr_sweep.py``; recorded in the options and the JSON), compared at
     matched training loss (steps to the same loss), not at equal learning rate.  Both
     optimizers' runs of this arm train ``ung_epochs`` epochs (0: ``--epochs``) on the first
-    ``ng_seeds`` seeds (0: all).
+    ``ng_seeds`` seeds (0: all).  The optimiser's settings (``ung_damping`` 1e-3 relative,
+    ``ung_kl_clip`` 1e-3, ``ung_trust_region`` ``units``, ``ung_ema``, ``ung_update_every``,
+    ``ung_inverse_every``) are pinned to those that made the committed figure, the
+    optimiser's defaults before its network trust region; ``--option ung_damping=0.1
+    --option ung_kl_clip=0.1 --option ung_trust_region=network`` runs it with today's
+    defaults.
 
     ``--activations`` restricts the arms to those whose unit is listed; ``arms=none`` or
     ``ng_arms=none`` leaves a group out.
@@ -119,7 +124,7 @@ from biasshift.reproduce.base import (
     UsageError,
     register,
 )
-from biasshift.reproduce.natural_gradient_gap import ung_factory
+from biasshift.reproduce.natural_gradient_gap import check_trust_region, ung_factory
 from biasshift.theory import SingularFisherError
 from biasshift.train.loss_curve import LossCurve
 from biasshift.train.plugins import Plugin
@@ -152,7 +157,7 @@ _MODIFIERS = ("bn", "ci")
 _TRACKER_OPTIONS = ("fisher", "damping", "track_probe", "per_decade", "track_epoch_ends")
 _LOSS_OPTIONS = ("loss_size", "loss_per_decade")
 _UNG_OPTIONS = ("ung_damping", "ung_ema", "ung_inverse_every", "ung_update_every",
-                "ung_kl_clip")
+                "ung_kl_clip", "ung_trust_region")
 
 _PAPER_OPTIONS: dict[str, Any] = {
     "arms": PAPER_ARMS,
@@ -174,6 +179,10 @@ _PAPER_OPTIONS: dict[str, Any] = {
     "ung_inverse_every": 200,
     "ung_update_every": 20,
     "ung_kl_clip": 1e-3,
+    # the block-model region: the settings that made the committed figure (the optimiser's
+    # defaults before 2026-12-01; today's are relative damping 0.1 and kl_clip 0.1 on the
+    # network region, see natural-gradient-gap)
+    "ung_trust_region": "units",
     "thresholds": (0.3, 0.1, 0.03),
     "loss_steps": (100, 316, 1000, 3162),
     "phase_edges": (100, 1000),
@@ -345,6 +354,7 @@ class BiasShiftMechanism(Analysis):
             raise UsageError(f"option ung_epochs={o['ung_epochs']!r} must be >= 0 (0: --epochs)")
         if not 0 <= o["ung_ema"] < 1:
             raise UsageError(f"option ung_ema={o['ung_ema']!r} must be in [0, 1)")
+        check_trust_region(o)
         if not all(t > 0 for t in o["thresholds"]):
             raise UsageError(f"option thresholds={o['thresholds']!r}: losses must be > 0")
         edges = tuple(int(e) for e in o["phase_edges"])

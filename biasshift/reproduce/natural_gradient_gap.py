@@ -35,12 +35,16 @@ Options (``--option KEY=VALUE``; the JSON record lists them under ``settings.opt
     ``per_decade``              tracked steps per decade (8; quick 4), plus every epoch end
     ``track_ung``               also track the natural-gradient runs (paper: yes; quick: no)
     ``ung_lr``, ``ung_damping``,  :class:`~biasshift.optim.UnitNaturalGradient`'s learning rate
-    ``ung_ema``,                (0.01, SGD's), relative damping (1e-3), EMA decay (0.95), longest
+    ``ung_ema``,                (0.01, SGD's), relative damping (0.1), EMA decay (0.95), longest
     ``ung_inverse_every``,      refresh interval of the factors (200 steps), Fisher update
-    ``ung_update_every``,       interval after the warm-up (20 steps) and KL trust region
-    ``ung_kl_clip``             (1e-3): the optimiser's defaults.  Before the optimiser had its
-                                trust region and relative damping, lr 0.01 diverged and this
-                                study had to use lr 0.001
+    ``ung_update_every``,       interval after the warm-up (20 steps), KL trust region (0.1) and
+    ``ung_kl_clip``,            what it bounds (``network``: the batch's Fisher along the whole
+    ``ung_trust_region``        step; ``units``: the unit blocks' model): the optimiser's
+                                defaults (a test checks that they are).  The figure of
+                                2026-12-01 was made with the defaults of then, relative damping
+                                1e-3 and ``kl_clip`` 1e-3 on the unit blocks; before the
+                                optimiser had a trust region, lr 0.01 diverged and this study
+                                had to use lr 0.001
     ==========================  ==================================================================
 
 Tidy CSV (columns :data:`NG_COLUMNS`: the usual ones plus ``optimizer``, ``step``, ``stat``)
@@ -128,7 +132,7 @@ INFO_NAME = "natural_gradient_gap.json"
 
 _TRACKER_OPTIONS = ("fisher", "damping", "track_probe", "per_decade")
 _UNG_OPTIONS = ("ung_damping", "ung_ema", "ung_inverse_every", "ung_update_every",
-                "ung_kl_clip")
+                "ung_kl_clip", "ung_trust_region")
 
 _PAPER_OPTIONS: dict[str, Any] = {
     "optimizers": OPTIMIZERS,
@@ -138,20 +142,32 @@ _PAPER_OPTIONS: dict[str, Any] = {
     "per_decade": 8,
     "track_ung": True,
     "ung_lr": 0.01,
-    "ung_damping": 1e-3,
+    # UnitNaturalGradient's defaults (tests/test_natural_gradient_gap.py checks them)
+    "ung_damping": 0.1,
     "ung_ema": 0.95,
     "ung_inverse_every": 200,
     "ung_update_every": 20,
-    "ung_kl_clip": 1e-3,
+    "ung_kl_clip": 0.1,
+    "ung_trust_region": "network",
 }
 _QUICK_OPTIONS = {**_PAPER_OPTIONS, "track_probe": 256, "per_decade": 4, "track_ung": False}
+
+
+def check_trust_region(o: dict[str, Any]) -> None:
+    """:class:`UsageError` unless ``o["ung_trust_region"]`` is one the optimiser knows."""
+    from biasshift.optim.unit_natural_gradient import TRUST_REGIONS
+
+    if o["ung_trust_region"] not in TRUST_REGIONS:
+        raise UsageError(f"option ung_trust_region={o['ung_trust_region']!r}: choose one of "
+                         f"{', '.join(TRUST_REGIONS)}")
 
 
 def ung_factory(spec: RunSpec) -> OptimizerFactory | None:
     """``None`` (plain SGD) for ``spec.optimizer == "sgd"``, else a factory of the run's
     :class:`~biasshift.optim.UnitNaturalGradient` from its ``ung_*`` options (``lr`` the run's;
-    ``ung_kl_clip`` ``none`` switches the clip off).  Shared by the analyses with a
-    natural-gradient arm."""
+    ``ung_kl_clip`` ``none`` switches the clip off; a spec without ``ung_trust_region``, saved
+    before the option existed, gets ``"units"``, the only region there was then).  Shared by
+    the analyses with a natural-gradient arm."""
     if spec.optimizer == "sgd":
         return None
     from biasshift.optim import UnitNaturalGradient
@@ -161,9 +177,10 @@ def ung_factory(spec: RunSpec) -> OptimizerFactory | None:
     every, update = int(o["ung_inverse_every"]), int(o["ung_update_every"])
     kl = o["ung_kl_clip"]
     kl_clip = None if kl in (None, "none", "None") else float(kl)
+    region = str(o.get("ung_trust_region", "units"))
     return lambda model: UnitNaturalGradient(model, lr=lr, damping=damping, ema=ema,
                                              inverse_every=every, update_every=update,
-                                             kl_clip=kl_clip)
+                                             kl_clip=kl_clip, trust_region=region)
 
 
 class NaturalGradientGap(Analysis):
@@ -204,6 +221,7 @@ class NaturalGradientGap(Analysis):
             raise UsageError(f"option ung_lr={o['ung_lr']!r} must be > 0")
         if not 0 <= o["ung_ema"] < 1:
             raise UsageError(f"option ung_ema={o['ung_ema']!r} must be in [0, 1)")
+        check_trust_region(o)
 
     def run_specs(self, settings: Settings) -> list[RunSpec]:
         """activations x optimizers x learning rates (SGD: ``--lr``; UNG: ``ung_lr``) x seeds."""
@@ -543,7 +561,7 @@ class NaturalGradientGap(Analysis):
         width, depth = settings.model.get("width"), settings.model.get("depth")
         lrs = ", ".join(f"{lr:g}" for lr in settings.lrs)
         ung = (f"; UNG lr {o['ung_lr']:g}, relative damping {o['ung_damping']:g}, kl_clip "
-               f"{o['ung_kl_clip']}, ema {o['ung_ema']:g}"
+               f"{o['ung_kl_clip']} ({o['ung_trust_region']} region), ema {o['ung_ema']:g}"
                if "ung" in o["optimizers"] else "")
         fig.suptitle(figure_title(
             f"Gradient vs unit natural gradient: {depth}x{width} MLP, SGD lr {lrs}{ung}; "
