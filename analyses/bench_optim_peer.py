@@ -16,17 +16,18 @@ float32, one thread, the same initial weights and the same batch order for all s
 ``SGD.step()``).  Settings:
 
 * ``sgd`` — ``torch.optim.SGD(lr)``, the reference;
-* ``ours defaults`` — ``UnitNaturalGradient(model, lr)``: relative damping ``ρ = 1e-3``
-  (``λ_u = ρ·tr(F̂_u)/m``), KL clip ``κ = 1e-3``, ``update_every=10``, ``inverse_every=100``,
-  ``ema=0.95``;
+* ``ours defaults`` — ``UnitNaturalGradient(model, lr)``: relative damping ``ρ = 0.1`` (``λ =
+  ρ`` times the layer's mean diagonal Fisher entry), the network trust region with ``κ = 0.1``,
+  ``update_every=20``, ``inverse_every=200``, ``ema=0.95`` (the optimiser's defaults; its
+  settings are printed and written with the results);
 * ``ours matched λ`` — the same with ``damping_mode="absolute"``, ``damping=λ`` (ASDL's) and
   ``kl_clip=None``;
 * ``asdl matched λ`` — ``damping=λ`` (absolute), ``ema_decay = 1 − ema`` (ASDL's decay is the
   weight of the *new* batch), ``curvature_upd_interval=10`` (= ``update_every``),
   ``preconditioner_upd_interval=100`` (= ``inverse_every``), ``data_size`` = the batch size.
 
-One matched pair per ``--damping`` value λ (default ``1e-3``, the number of our default ``ρ``,
-and ``1e-1``).  ``--asdl-bias-correction`` adds ``asdl+bc matched λ``: ASDL inverting the
+One matched pair per ``--damping`` value λ (default ``1e-3`` and ``1e-1``).
+``--asdl-bias-correction`` adds ``asdl+bc matched λ``: ASDL inverting the
 bias-corrected moving average ``F / (1 − ema^k)`` as ours does (a wrapper around its
 ``update_preconditioner``; ``tests/test_optim_peer.py`` shows that with it, refreshed every
 step, ASDL takes our steps exactly).
@@ -169,8 +170,8 @@ def build_runs(args: argparse.Namespace, in_features: int, asdl: Any) -> list[Ru
         m = copy()
         opt = UnitNaturalGradient(m, lr=args.lr, **kw)
         g = opt.param_groups[0]
-        cfg = {k: g[k] for k in ("lr", "damping", "damping_mode", "kl_clip", "ema",
-                                 "update_every", "inverse_every")}
+        cfg = {k: g[k] for k in ("lr", "damping", "damping_mode", "kl_clip", "trust_region",
+                                 "ema", "update_every", "inverse_every")}
         runs.append(Run(name, m, plain_step(m, opt),
                         dict(optimizer="biasshift.optim.UnitNaturalGradient", **cfg)))
 

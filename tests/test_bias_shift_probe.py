@@ -5,6 +5,7 @@ definitions; relative damping; one host transfer per measurement; no change of t
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -670,3 +671,75 @@ def test_unit_chunks_and_strip_chunks_do_not_change_the_measurement(monkeypatch,
     split = measure(2**20)
     assert torch.isfinite(whole[:, 64:]).all()  # the parameter-space layers: every quantity
     torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+# ------------------------------------------------------------------------- batched backward
+class _NoVmap(torch.autograd.Function):
+    """An ELU whose backward torch's vmap cannot batch (it reads a value on the host)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return F.elu(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        if not math.isfinite(g.abs().max().item()):  # .item(): not under vmap
+            raise FloatingPointError("non-finite gradient")
+        return g * torch.where(x > 0, torch.ones_like(x), torch.exp(x))
+
+
+class _NoVmapELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoVmap.apply(x)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_batched_fisher_backward_equals_one_backward_per_score_vector(arch: str,
+                                                                      fisher: str) -> None:
+    """The probe's Fisher backward passes run as one vmapped backward over the score vectors
+    (and in chunks of them under a small memory budget); each way gives the quantities of one
+    backward per score vector, to float64 rounding."""
+    net = mlp_net() if arch == "mlp" else conv_net()
+    x, y = data(arch, 12, 3)
+    xb, yb = data(arch, 6, 4)
+    results = []
+    for mode in ("batched", "chunked", "loop"):
+        model = copy.deepcopy(net)
+        probe = BiasShiftProbe(model, x, y, fisher=fisher, mc_samples=3, damping=1e-3, seed=0)
+        if mode == "chunked":
+            probe.memory_budget = 1  # one score vector per backward call
+        if mode == "loop":
+            probe._batched_backward = False
+        F.cross_entropy(model(xb), yb).backward()
+        with probe.measure() as m:
+            torch.optim.SGD(model.parameters(), lr=0.1).step()
+        results.append(m.tensors)
+        assert probe._batched_backward == (mode != "loop")
+    for other in results[1:]:
+        for layer, qs in results[0].items():
+            for q, v in qs.items():
+                torch.testing.assert_close(other[layer][q], v, rtol=1e-9, atol=1e-12,
+                                           equal_nan=True, msg=f"{layer} {q}")
+
+
+def test_a_backward_vmap_cannot_batch_falls_back_to_one_pass_per_score_vector() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), _NoVmapELU(), nn.Linear(7, 3)).double()
+    ref = nn.Sequential(nn.Linear(5, 7), nn.ELU(), nn.Linear(7, 3)).double()
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    got = []
+    for net in (model, ref):
+        probe = BiasShiftProbe(net, x, y, fisher="exact", damping=1e-3)
+        F.cross_entropy(net(x[:4]), y[:4]).backward()
+        with probe.measure() as m:
+            torch.optim.SGD(net.parameters(), lr=0.1).step()
+        got.append((m.tensors, probe._batched_backward))
+    assert got[0][1] is False and got[1][1] is True
+    for layer, qs in got[1][0].items():
+        for q, v in qs.items():
+            torch.testing.assert_close(got[0][0][layer][q], v, rtol=1e-9, atol=1e-12,
+                                       equal_nan=True)

@@ -469,6 +469,7 @@ class BiasShiftProbe:
         self.seed = int(seed)
         self.condition = bool(condition)
         self.memory_budget = max(int(memory_budget), 1 << 20)
+        self._batched_backward = True  # see _fisher_grads
         # the blocks of a measurement, kept between measurements (fresh pages cost a pass)
         self._work = Workspace()
         params = [p for p in model.parameters() if p.is_floating_point()]
@@ -691,14 +692,21 @@ class BiasShiftProbe:
                 edge_list = [edges[n] for n in self.layers]
                 R = reps.shape[0]
                 w: list[Tensor | None] = [None] * len(self.layers)
-                for r in range(R):
-                    grads = torch.autograd.grad(out, edge_list, grad_outputs=reps[r].to(out.dtype),
-                                                retain_graph=r < R - 1, allow_unused=True)
-                    for i, (n, gr) in enumerate(zip(self.layers, grads)):
+                # bytes of one score vector's backward through the tracked layers (their
+                # outputs' gradients and inputs), for the chunks of the batched backward
+                rep_bytes = 2 * sum(Xs[n][-1].numel() * Xs[n][-1].element_size()
+                                    for n in self.layers)
+                per = max(1, min(R, self.memory_budget // max(1, rep_bytes)))
+                for r0 in range(0, R, per):
+                    r1 = min(R, r0 + per)
+                    for i, (n, gr) in enumerate(zip(self.layers, self._fisher_grads(
+                            out, edge_list, reps[r0:r1].to(out.dtype), retain=r1 < R))):
                         if gr is None:
                             raise RuntimeError(f"{self._who}: layer {n!r} does not influence "
                                                "the model's output; leave it out (layers=[...])")
-                        d2 = delta_rows(self.specs[n], gr).to(dtype).square()
+                        # (r, N, ...) -> δ² summed over the score vectors r
+                        d2 = delta_rows(self.specs[n], gr.flatten(0, 1)).to(dtype).square()
+                        d2 = d2.unflatten(0, (r1 - r0, -1)).sum(0)
                         w[i] = d2 if w[i] is None else w[i].add_(d2)
             for i, n in enumerate(self.layers):
                 wi = w[i]
@@ -715,6 +723,30 @@ class BiasShiftProbe:
             return Xc, Wc, nets
         nets = {n: sums[n] / (Xc[n].shape[0]) for n in self.layers}
         return Xc, Wc, nets
+
+    def _fisher_grads(self, out: Tensor, edges: list[Any], reps: Tensor, retain: bool
+                      ) -> list[Tensor | None]:
+        """The gradients ``(r, ...)`` at ``edges`` of ``out`` along each of the score vectors
+        ``reps (r, *out.shape)``: one batched backward (``is_grads_batched``, torch's vmap over
+        the backward graph) where the model's backward allows it, else one backward per score
+        vector (the model is remembered, so the batched one is tried once)."""
+        r = reps.shape[0]
+        if r > 1 and self._batched_backward:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", UserWarning)  # vmap's slow fallback
+                    got = torch.autograd.grad(out, edges, grad_outputs=reps,
+                                              is_grads_batched=True, retain_graph=True,
+                                              allow_unused=True)
+                return list(got)
+            except (RuntimeError, UserWarning, NotImplementedError):
+                self._batched_backward = False  # an op without a batching rule: loop
+        per_rep = []
+        for k in range(r):
+            per_rep.append(torch.autograd.grad(out, edges, grad_outputs=reps[k],
+                                               retain_graph=retain or k < r - 1,
+                                               allow_unused=True))
+        return [None if g[0] is None else torch.stack(g) for g in zip(*per_rep)]
 
     def _evaluate(self, grads: dict[str, Tensor]) -> dict[str, Any]:
         with eval_mode(self.model):
