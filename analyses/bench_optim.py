@@ -10,7 +10,10 @@ of the model, same initial weights):
   20-step warm-up), factors when the EMA has moved or every 200 steps, Cholesky solves;
 * ``ung u=U i=I`` — other ``update_every``/``inverse_every``; ``inverse`` the explicit-inverse
   form; ``units-region`` the block-model trust region (no per-step recording, no extra
-  forward of each layer: the cost of the default network trust region is the difference).
+  forward of each layer: the cost of the default network trust region is the difference);
+  ``tpmv`` the defaults with the opt-in CPU apply (two BLAS ``?tpmv`` per unit on the packed
+  ``W = L⁻¹`` instead of two ``?trsv`` on the full-storage ``L``,
+  :data:`biasshift.optim.block_solve.PACKED_INVERSE`).
 
 Every setting first runs ``--warmup`` steps (past the optimiser's warm-up, so that the timed
 steps are the steady state), then the settings run interleaved (round-robin, ``--steps`` steps
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from biasshift.models import paper_mlp
-from biasshift.optim import UnitNaturalGradient
+from biasshift.optim import UnitNaturalGradient, block_solve
 
 SETTINGS = [
     ("sgd", None),
@@ -51,7 +54,11 @@ SETTINGS = [
     ("ung u=1 i=20", dict(update_every=1, inverse_every=20)),
     ("ung inverse", dict(factor="inverse")),
     ("ung units-region", dict(trust_region="units")),
+    ("ung tpmv", {}),
 ]
+#: settings whose factors are applied by the opt-in CPU path (two BLAS ?tpmv on the packed
+#: W = L⁻¹ instead of two ?trsv on L): an A/B of the apply in the same process
+TPMV = ("ung tpmv",)
 
 
 def sync(device: torch.device) -> None:
@@ -142,14 +149,18 @@ def main() -> None:
         model, opt = runs[name]
         i = counters[name] % n_batches
         counters[name] += 1
-        sync(device)
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(xs[i]), ys[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - t0
+        block_solve.PACKED_INVERSE = name in TPMV
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(device)
+            return time.perf_counter() - t0
+        finally:
+            block_solve.PACKED_INVERSE = False
 
     t_warm = {}
     for name in runs:  # the optimiser's warm-up (statistics every step), kernels, allocation
@@ -203,18 +214,31 @@ def main() -> None:
         opt._natural_direction(layer, {}, {})
     sync(device)
     t_apply = time.perf_counter() - t0
+    # the big layers' factors applied by the opt-in path (two ?tpmv on the packed W = L⁻¹)
+    t_tpmv = 0.0
+    for layer in opt._layers:
+        f = layer.factors
+        if f is not None and f.form == "cholesky" and block_solve._packs(f.factor):
+            W, _ = block_solve._packed_tri_inverse(f.factor)
+            g = torch.randn(f.factor.shape[:2])
+            m = f.factor.shape[-1]
+            t_tpmv += (_best_of(lambda W=W, g=g, m=m: block_solve._blas_tpmv(W, g, m), 3, device)
+                       - _best_of(lambda f=f, g=g: f.apply(g), 3, device))
+    t_apply_tpmv = t_apply + t_tpmv
     streamed = sum(f.factor.numel() * f.factor.element_size() // (2 if f.form == "cholesky" else 1)
                    for f in (layer.factors for layer in opt._layers) if f is not None)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     breakdown = dict(update_s=t_update, refresh_s=t_refresh, apply_s=t_apply,
+                     apply_tpmv_s=t_apply_tpmv,
                      factor_bytes_streamed_per_step=streamed, checkpoint_bytes=buf.tell())
     floor = hardware_floor(opt, device, args.batch, streamed, base_med, hp)
     print(f"default step breakdown: EMA update of all layers {t_update * 1e3:.1f} ms (every "
           f"{hp['update_every']} steps after the warm-up), refresh of all factors "
           f"{t_refresh * 1e3:.1f} ms (at most every {hp['inverse_every']} steps), factors "
           f"applied {t_apply * 1e3:.1f} ms (every step; streams {streamed / 1e6:.0f} MB of "
-          f"factors); SGD step (fwd+bwd+step) {base_med * 1e3:.2f} ms")
+          f"factors; {t_apply_tpmv * 1e3:.1f} ms by the opt-in ?tpmv path); SGD step "
+          f"(fwd+bwd+step) {base_med * 1e3:.2f} ms")
     print(f"optimizer checkpoint: {buf.tell() / 2**20:.0f} MiB")
     print(f"hardware floor of the default step (same process): read bandwidth "
           f"{floor['read_GB_per_s']:.1f} GB/s, float32 matmul {floor['matmul_GFLOP_per_s']:.0f} "

@@ -475,6 +475,7 @@ def test_state_dict_round_trip_is_bit_identical(packed: bool, monkeypatch) -> No
     if packed:
         from biasshift.optim import block_solve
         monkeypatch.setattr(block_solve, "CHUNK_ABOVE_BYTES", 0)
+        monkeypatch.setattr(block_solve, "PACKED_INVERSE", True)
     torch.manual_seed(15)
     model = nn.Sequential(nn.Linear(6, 16), nn.ELU(), nn.Linear(16, 16), nn.ELU(),
                           nn.Linear(16, 3))

@@ -15,12 +15,15 @@ Two forms:
 * ``"cholesky"`` (the default) keeps ``L``.  Each application is a forward and a backward
   triangular solve, ``L⁻ᵀ(L⁻¹g)``.  On a CPU, for layers whose factors take more than
   :data:`CHUNK_ABOVE_BYTES` (the first layer of the paper's MLP: 128 factors of 786²), the
-  block also keeps ``W = L⁻¹`` (LAPACK ``?trtri`` at each refresh) as packed lower triangles,
+  block can also keep (opt-in, :data:`PACKED_INVERSE`; measured slower inside the optimiser,
+  see there) ``W = L⁻¹`` (LAPACK ``?trtri`` at each refresh) as packed lower triangles,
   ``units · m(m+1)/2`` contiguous numbers, and applies it as two BLAS ``?tpmv`` products
   ``Wᵀ(Wg)`` back to back, so that the second reads ``W`` from cache and each step streams
-  half of each block once, contiguously.  For 128 factors of 786² float32 that is about 1.8x
-  faster than two ``?trsv`` calls on the full-storage factor and 2.5x faster than torch's
-  batched ``solve_triangular``.  The computed inverse of a triangular matrix satisfies
+  half of each block once, contiguously.  For 128 factors of 786² float32 that was 1.8x
+  faster than two ``?trsv`` calls on the full-storage factor in an isolated microbenchmark,
+  but inside the optimiser's step (``analyses/bench_optim.py``) it measured 41 ms against
+  26 ms and the refresh doubled, so the ``?trsv`` path stays the default.  The computed
+  inverse of a triangular matrix satisfies
   ``|WL − I| ≤ c_m·eps·|W||L|`` (Higham, *Accuracy and Stability of Numerical Algorithms*,
   §8.3 and §14.2), so ``Wᵀ(Wg)`` has the forward error of the two solves, ``O(cond(F+λI) ·
   eps)``; measured, it agrees with the solves to within a factor 2 up to ``cond = 2e11``
@@ -61,6 +64,11 @@ CACHE_BYTES = 2**21
 #: layers whose factors take fewer bytes are solved in one batched call (they stay in cache
 #: between the two solves anyway, and one call saves the per-call overhead of a chunk loop)
 CHUNK_ABOVE_BYTES = 2**25
+#: whether factors built from now on keep the packed ``W = L⁻¹`` for the CPU's ``?tpmv`` path
+#: (opt-in, off by default: in ``analyses/bench_optim.py`` on the 8x128 net it applied the
+#: factors in 41 ms against 26 ms for the two ``?trsv`` on ``L`` and doubled the refresh,
+#: although it was 1.8x faster in an isolated microbenchmark of the same shapes)
+PACKED_INVERSE = False
 
 
 @dataclass
@@ -86,7 +94,8 @@ class BlockFactors:
     packed_inverse: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.form == "cholesky" and self.packed_inverse is None and _packs(self.factor):
+        if self.form == "cholesky" and self.packed_inverse is None and PACKED_INVERSE \
+                and _packs(self.factor):
             W, finite = _packed_tri_inverse(self.factor)
             if W is not None:
                 bad = ~finite & self.ok
