@@ -241,7 +241,8 @@ def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Tensor
 
 
 DIFFERENCES = [
-    "damping: 'ours defaults' is relative (lambda_u = rho * tr(F_u)/m, rho = 1e-3); ASDL's is "
+    "damping: 'ours defaults' is relative (lambda = rho x the layer's mean diagonal entry, "
+    "rho = 0.1); ASDL's is "
     "absolute (lambda added to the block diagonal, bias included), and 'ours matched' uses it "
     "with the same lambda",
     "EMA: ASDL's ema_decay = 1 - ema weighs the new batch and is not bias-corrected: its Fisher "
@@ -251,7 +252,8 @@ DIFFERENCES = [
     "updates every step until the EMA holds ceil(1/(1 - ema)) batches, then every u, and "
     "refreshes when half the EMA's weight is newer than the factors, at least every i steps",
     "solve: ASDL torch.inverse + matmul per step; ours Cholesky + two triangular solves",
-    "step size: 'ours defaults' clips the KL of every step (kappa = 1e-3); ASDL has no clip, "
+    "step size: 'ours defaults' bounds the batch's Fisher along every whole step (network "
+    "trust region, kappa = 0.1); ASDL has no clip, "
     "nor has 'ours matched'",
 ]
 
