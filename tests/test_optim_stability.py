@@ -330,3 +330,19 @@ def test_block_factor_solves_against_dense_solves(dtype: torch.dtype, path: str,
     tol = float(cond.max()) * torch.finfo(dtype).eps * 10
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert float(err.max()) < tol, (err, tol)
+
+
+def test_packed_inverse_that_overflows_marks_the_unit_not_ok(monkeypatch) -> None:
+    """A pivot so small that ``L⁻¹`` overflows in float32: the unit is not ok and is solved
+    with the identity (factor and packed inverse both), the others are untouched."""
+    from biasshift.optim import block_solve
+
+    monkeypatch.setattr(block_solve, "CHUNK_ABOVE_BYTES", 0)
+    monkeypatch.setattr(block_solve, "PACKED_INVERSE", True)
+    L = (2.0 * torch.eye(4)).repeat(3, 1, 1).contiguous()
+    L[1, 2, 2] = 1e-39
+    f = BlockFactors("cholesky", L, torch.zeros(3), torch.ones(3, dtype=torch.bool))
+    assert f.ok.tolist() == [True, False, True]
+    assert torch.isfinite(f.packed_inverse).all() and torch.equal(f.factor[1], torch.eye(4))
+    g = torch.ones(3, 4)
+    assert torch.equal(f.apply(g), torch.tensor([[0.25] * 4, [1.0] * 4, [0.25] * 4]))

@@ -102,7 +102,7 @@ class BlockFactors:
                 if bool(bad.any()):  # a pivot so small that L⁻¹ overflows: not usable
                     self.ok = self.ok & finite
                     self.factor[bad] = torch.eye(self.factor.shape[-1], dtype=self.factor.dtype)
-                    W[bad] = _packed_identity(self.factor.shape[-1], W.dtype)
+                    W[bad] = pack_tril(self.factor[bad][:1]).to(W.dtype)  # I's
                 self.packed_inverse = W
 
     @classmethod
@@ -190,11 +190,6 @@ def _tril_flat(m: int) -> np.ndarray:
     """Flat (row-major) positions of the lower triangle of an ``m × m`` block, row by row."""
     i, j = np.tril_indices(m)
     return i * m + j
-
-
-def _packed_identity(m: int, dtype: torch.dtype) -> Tensor:
-    i, j = torch.tril_indices(m, m)
-    return (i == j).to(dtype)
 
 
 def _packed_tri_inverse(L: Tensor) -> tuple[Tensor | None, Tensor]:
