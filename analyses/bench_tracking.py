@@ -17,8 +17,9 @@ tracker (``--reps`` times, medians reported):
 
 ``--probe-sizes 128 512 2048`` instead times one :class:`~biasshift.BiasShiftProbe` measurement
 directly (a plain PyTorch loop, SGD, batch 64) against an SGD step, interleaved, for each probe
-size in float32 and float64, and the previous implementation (``UnitFisher.accumulate`` +
-``report`` in float64, what the tracker ran before it was built on the probe) for comparison::
+size in float32 (default: one refinement step; and ``refine=0``) and float64, the previous
+implementation (``UnitFisher.accumulate`` + ``report`` in float64, what the tracker ran before
+it was built on the probe) for comparison, and the flop floor (:func:`flop_floor`)::
 
     python analyses/bench_tracking.py --probe-sizes 128 512 2048 --reps 3 [--json out.json]
 
@@ -80,6 +81,54 @@ def timed_fit(ds: ArrayDataset, device: torch.device, plugins: list, epochs: int
     return time.perf_counter() - t0
 
 
+def _best_of(fn, reps: int, device: torch.device) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def flop_floor(model: torch.nn.Module, probe: int, scores: int, device: torch.device) -> dict:
+    r"""The flops a measurement cannot avoid with the probe's algorithms, and their time at
+    ``torch.matmul``'s float32 rate on 1024² measured in this process (best of 5): a bound
+    that every kernel would have to reach at the rate of the best GEMM.
+
+    Per ``nn.Linear`` layer with ``n`` inputs and ``U`` units, on ``P`` probe rows:
+
+    * ``P ≤ n`` (sample space, the first layer at probe 512): ``K = X̃X̃ᵀ``, ``P(P+1)/2 · n · 2``
+      flops, and one Cholesky factorisation of ``P²`` per unit, ``U · P³/3``;
+    * ``P > n`` (parameter space): the δ²-weighted Grams, lower triangles only,
+      ``U · P · n(n+1)/2 · 2``, and two factorisations per unit (damped, and undamped for the
+      paper's ``k`` and ``E_q(a)ᵀVar_q(a)⁻¹E_q(a)``), ``2 · U · n³/3``;
+    * the probe pass: the forward, ``2 · P · n · U`` per layer, and ``scores`` backward passes
+      of the δ rows down to every layer's net (all layers but the first), no weight gradients.
+
+    Solves, refinement, the Theorem 1-2 algebra and the bookkeeping are left out (they are
+    lower-order in flops, though not in memory traffic).
+    """
+    a = torch.randn(1024, 1024, device=device)
+    rate = 2 * 1024**3 / _best_of(lambda: a @ a, 5, device)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    P = probe
+    parts = {"gram": 0.0, "cholesky": 0.0, "sample_gram": 0.0, "probe_pass": 0.0}
+    for i, m in enumerate(linears):
+        n, U = m.in_features, m.out_features
+        if P <= n:
+            parts["sample_gram"] += P * (P + 1) / 2 * n * 2
+            parts["cholesky"] += U * P**3 / 3
+        else:
+            parts["gram"] += U * P * n * (n + 1) / 2 * 2
+            parts["cholesky"] += 2 * U * n**3 / 3
+        parts["probe_pass"] += 2 * P * n * U * (1 + (scores if i > 0 else 0))
+    flops = sum(parts.values())
+    return {"matmul_GFLOP_per_s": rate / 1e9, "flops": parts, "floor_s": flops / rate}
+
+
 def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.device) -> dict:
     """Seconds per SGD step and per probe measurement (interleaved, medians) per probe size."""
     g = torch.Generator().manual_seed(0)
@@ -132,6 +181,8 @@ def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.devic
         probes = {str(dt).replace("torch.", ""): BiasShiftProbe(model, px, py, damping=1e-3,
                                                                 dtype=dt)
                   for dt in (torch.float32, torch.float64)}
+        probes["float32_refine0"] = BiasShiftProbe(model, px, py, damping=1e-3,
+                                                   dtype=torch.float32, refine=0)
         res: dict = {k: [] for k in [*probes, "before_float64"]}
         steps = []
         for p in probes.values():
@@ -148,9 +199,16 @@ def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.devic
         out["sizes"][M] = {
             k: {"seconds": statistics.median(v), "sgd_steps": statistics.median(v) / t_step}
             for k, v in res.items() if v}
+        floor = flop_floor(model, M, 10, device)
+        floor["sgd_steps"] = floor["floor_s"] / t_step
+        out["sizes"][M]["flop_floor"] = floor
         line = ", ".join(f"{k} {d['seconds'] * 1e3:.0f} ms = {d['sgd_steps']:.0f} SGD steps"
-                         for k, d in out["sizes"][M].items())
-        print(f"probe {M:5d}: SGD step {t_step * 1e3:.2f} ms; {line}", flush=True)
+                         for k, d in out["sizes"][M].items() if k != "flop_floor")
+        print(f"probe {M:5d}: SGD step {t_step * 1e3:.2f} ms; {line}; flop floor "
+              f"{floor['floor_s'] * 1e3:.0f} ms = {floor['sgd_steps']:.0f} SGD steps (matmul "
+              f"{floor['matmul_GFLOP_per_s']:.0f} GFLOP/s; GFLOP: "
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in floor["flops"].items()) + ")",
+              flush=True)
     return out
 
 

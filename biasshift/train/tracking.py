@@ -291,6 +291,7 @@ class BiasShiftTracker(Plugin):
             unaffected) or a likelihood for :class:`~biasshift.UnitFisher`.
         probe_size, probe_seed: see ``probe_x``.
         condition: also record ``cond_F`` (an eigendecomposition per unit: slower).
+        refine: refinement steps of the float32 solves (see :class:`~biasshift.BiasShiftProbe`).
         mc_samples, seed: for ``fisher="mc"`` (the tracker's own generator).
         batch_size: samples per forward pass on the probe (memory).
         memory_budget: bytes per chunk of units in the Fisher solves.
@@ -314,6 +315,7 @@ class BiasShiftTracker(Plugin):
         probe_size: int = 512,
         probe_seed: int = 0,
         condition: bool = False,
+        refine: int = 1,
         mc_samples: int = 1,
         seed: int = 0,
         batch_size: int = 4096,
@@ -358,6 +360,7 @@ class BiasShiftTracker(Plugin):
         self.probe_size = probe_size
         self.probe_seed = int(probe_seed)
         self.condition = bool(condition)
+        self.refine = refine
         self.mc_samples = mc_samples
         self.seed = int(seed)
         self.batch_size = batch_size
@@ -407,7 +410,7 @@ class BiasShiftTracker(Plugin):
             model, self.probe_x, self.probe_y, fisher=self.fisher, damping=self.damping,
             damping_mode=self.damping_mode, layers=self.layer_selection, likelihood=likelihood,
             mc_samples=self.mc_samples, seed=self.seed, dtype=self.dtype,
-            condition=self.condition, batch_size=self.batch_size,
+            condition=self.condition, refine=self.refine, batch_size=self.batch_size,
             memory_budget=self.memory_budget, _owner="BiasShiftTracker")
         self.specs = dict(self._probe.specs)
         self.layers = list(self._probe.layers)
@@ -608,7 +611,7 @@ class BiasShiftTracker(Plugin):
             "probe_size": None if self.probe_x is None else int(self.probe_x.shape[0]),
             "schedule": self.schedule.describe(), "layers": list(self.layers),
             "likelihood": getattr(self, "_likelihood_name", self.likelihood),
-            "condition": self.condition,
+            "condition": self.condition, "refine": self.refine,
         }
 
     def values(self) -> Tensor:
