@@ -214,6 +214,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _size(b: int) -> str:
+    for unit, k in (("MiB", 2**20), ("KiB", 2**10)):
+        if b >= k and b % k == 0:
+            return f"{b // k}{unit}"
+    return str(b)
+
+
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     model, xs, ys = build(name, device, args.channels_last)
     step = make_step(model, xs, ys)
@@ -229,7 +236,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         monitors["direct"] = ActivationMonitor(model, buffer_bytes=0)
     if args.noop:
         monitors["noop"] = NoopHook(model)
+    for b in args.buffer_bytes or ():
+        monitors[f"buf={_size(b)}"] = ActivationMonitor(model, buffer_bytes=b)
     rounds = args.rounds if args.rounds is not None else (30 if name == "mlp" else 5)
+    # enough warm-up steps to fill every staging buffer once: the first pass over a buffer
+    # faults its pages in (~0.4 us per 4 KiB page), a cost a long run pays once; without it
+    # the first 128 timed MLP steps of the default arm (4 MiB per module) carried it
+    warmup = args.warmup if args.warmup is not None else (300 if name == "mlp" else 5)
     blocks = args.blocks if args.blocks is not None else (10 if name == "mlp" else 2)
     block = args.block
     clock = time.process_time if args.clock == "process" else time.perf_counter
@@ -238,7 +251,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     for mon in monitors.values():
         if mon is not None:
             mon.attach()
-        for i in range(args.warmup):
+        for i in range(warmup):
             step(i)
         if mon is not None:
             mon.detach()
@@ -275,7 +288,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         if not isinstance(mon, ActivationMonitor):
             continue
         df = mon.stats()
-        samples = (steps_seen[arm] + args.warmup) * BATCH
+        samples = (steps_seen[arm] + warmup) * BATCH
         if name == "conv":  # channels: every position of the first conv's output is a sample
             df = df[df["module"] == "1"]
             samples *= 32 * 32
@@ -311,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed blocks per arm and round (default 10 mlp, 2 conv)")
     p.add_argument("--block", type=int, default=None,
                    help="steps per timed block (default 1 on CPU, 10 on CUDA)")
-    p.add_argument("--warmup", type=int, default=5, help="warm-up steps per arm")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps per arm (default 300 for mlp: every staging buffer "
+                        "filled once, up to 8 MiB per module; 5 for conv)")
     p.add_argument("--clock", choices=["wall", "process"], default=None,
                    help="wall (perf_counter) or process CPU time; default process on a CPU "
                         "with 1 thread (robust to other processes on a shared machine), else "
@@ -321,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--direct", action="store_true",
                    help="also time ActivationMonitor(model, buffer_bytes=0)")
     p.add_argument("--noop", action="store_true", help="also time an empty hook (the floor)")
+    p.add_argument("--buffer-bytes", type=int, nargs="+", default=None,
+                   help="also time ActivationMonitor(model, buffer_bytes=B) for each B (the "
+                        "staging sweep behind the default)")
     p.add_argument("--channels-last", action="store_true", help="conv net in channels_last")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
@@ -352,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {BATCH})")
     print(f"clock: {args.clock}; x = ratio to 'off' (paired: median over rounds of the "
           "per-round ratio of medians, with its quartiles)")
-    print(f"{'model':6} {'arm':8} {'median ms':>10} {'mean ms':>10} {'median x':>9} "
+    print(f"{'model':6} {'arm':12} {'median ms':>10} {'mean ms':>10} {'median x':>9} "
           f"{'mean x':>8} {'paired x [q1, q3]':>22}")
     for name, r in results.items():
         for arm, a in r["arms"].items():
-            print(f"{name:6} {arm:8} {a['median_ms']:10.3f} {a['mean_ms']:10.3f} "
+            print(f"{name:6} {arm:12} {a['median_ms']:10.3f} {a['mean_ms']:10.3f} "
                   f"{a['ratio_median']:9.3f} {a['ratio_mean']:8.3f} "
                   f"{a['ratio_paired']:8.3f} [{a['ratio_paired_q1']:.3f}, "
                   f"{a['ratio_paired_q3']:.3f}]")
