@@ -237,6 +237,22 @@ def test_probe_given_explicitly_and_empirical_fisher_uses_its_labels() -> None:
     torch.testing.assert_close(vc, vd, rtol=0, atol=0)  # but not the exact one
 
 
+def test_refine_reaches_the_probe_and_the_record() -> None:
+    """``refine`` is the probe's (the same table as a probe given it directly) and recorded."""
+    ds = _synthetic()
+    px, py = ds.train_x[:10], ds.train_y[:10]
+    tr = {r: BiasShiftTracker(px, py, schedule=[2], refine=r, dtype=torch.float32)
+          for r in (0, 1)}
+    for t in tr.values():
+        Trainer(tiny_mlp, ds, epochs=1, batch_size=8, seed=1, probe_size=0, plugins=[t]).fit()
+    assert tr[0].info()["refine"] == 0 and tr[1].info()["refine"] == 1
+    assert tr[0]._probe.refine == 0 and tr[1]._probe.refine == 1
+    assert tr[0].frame().attrs["refine"] == 0
+    with pytest.raises(ValueError, match="refine must be an int"):
+        Trainer(tiny_mlp, ds, epochs=1, batch_size=8, seed=1, probe_size=0,
+                plugins=[BiasShiftTracker(px, py, schedule=[2], refine=-1)]).fit()
+
+
 # ------------------------------------------------------------------------- the contract
 class GradRecorder(Plugin):
     def __init__(self) -> None:

@@ -403,7 +403,7 @@ class BiasShiftProbe:
             Each step costs one more solve and two float64 GEMMs per layer. Measured on the
             8x128 ELU net (probe 512, relative damping 1e-3; median relative error against the
             float64 measurement): ``refine=0`` 2.6e-4 in ``bias_shift_ng`` and 6e-6 in
-            ``1 - cos_grad_ng``, ``refine=1`` (default) 1.2e-5 and 6e-9, at about 1.2x the
+            ``1 - cos_grad_ng``, ``refine=1`` (default) 1.2e-5 and 6e-9, at about 1.25x the
             time of ``refine=0``. ``k`` and ``k_undamped`` (about 1e-3) are limited by the
             float32 inputs, not the solves.
         batch_size: probe samples per forward pass (default: the whole probe at once).
@@ -904,14 +904,17 @@ class BiasShiftProbe:
                  ) -> Callable[[Tensor], Tensor] | None:
         r"""``V ↦ M V`` in float64 for ``M = λI + Σ_p W_p (x̃_p − Ẽ)(x̃_p − Ẽ)ᵀ`` (per unit, from
         the rows: two GEMMs shared by the units), for refining float32 solves; ``None`` when
-        computing in float64."""
+        computing in float64. The float64 copies are made at the first call (never with
+        ``refine=0``, where only the algebra after the solves is float64)."""
         if self.dtype == torch.float64:
             return None
-        X64, W64 = Xc.to(torch.float64), W.to(torch.float64)
-        E64, lam64 = Et.to(torch.float64), lam.to(torch.float64)
-        P, n = X64.shape
+        P, n = Xc.shape
+        f64: list[Tensor] = []
 
         def apply(V: Tensor) -> Tensor:
+            if not f64:
+                f64.extend(t.to(torch.float64) for t in (Xc, W, Et, lam))
+            X64, W64, E64, lam64 = f64
             B, _, r = V.shape
             T = (X64 @ V.permute(1, 0, 2).reshape(n, B * r)).reshape(P, B, r).transpose(0, 1)
             T = (T - torch.matmul(E64.unsqueeze(1), V)) * W64.unsqueeze(-1)  # (B, P, r)
