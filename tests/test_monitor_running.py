@@ -510,15 +510,17 @@ def test_finite_first_redoes_exactly_the_tiles_with_nonfinite_sums(poison: str,
 
 
 @pytest.mark.parametrize("shape", [(1000, 2), (1001, 30), (37, 5), (5, 7), (4, 3), (64, 9, 8),
-                                   (300, 1), (2050, 513)])
+                                   (300, 1), (2050, 513), (700, 128), (20, 5, 64), (333, 96)])
 @pytest.mark.parametrize("fn", [torch.amin, torch.amax])
-def test_extremes_on_regrouped_rows_equal_the_plain_reduction(shape, fn) -> None:
-    """``_extreme_into`` (rows regrouped to wide rows, then the partial results and the
-    remainder rows reduced) gives exactly ``fn(x, dims)``: units-last 2-D and 3-D tiles, row
-    counts with and without a remainder, too few rows to regroup, NaN and ±inf; other layouts
-    take the plain reduction."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extremes_on_regrouped_rows_equal_the_plain_reduction(shape, fn, dtype) -> None:
+    """``_extreme_into`` (rows of a multiple of ``_FAST_ROW_BYTES`` reduced directly, others
+    regrouped to wide rows, then the partial results and the remainder rows reduced) gives
+    exactly ``fn(x, dims)``: units-last 2-D and 3-D tiles, row counts with and without a
+    remainder, too few rows to regroup, NaN and ±inf, float32 and float64; other layouts take
+    the plain reduction."""
     gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=gen)
+    x = torch.randn(*shape, generator=gen, dtype=dtype)
     x.view(-1)[::97] = math.inf
     x.view(-1)[5::101] = -math.inf
     units = shape[-1]
@@ -527,11 +529,11 @@ def test_extremes_on_regrouped_rows_equal_the_plain_reduction(shape, fn) -> None
         for width in (8, 1024):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(running, "_EXTREME_WIDTH", width)
-                out = torch.empty(units)
+                out = torch.empty(units, dtype=dtype)
                 running._extreme_into(fn, t, t.ndim - 1, dims, out)
             torch.testing.assert_close(out, fn(t, dims), rtol=0, atol=0, equal_nan=True)
     # units first (unit dim 0): the plain reduction
-    out = torch.empty(shape[0])
+    out = torch.empty(shape[0], dtype=dtype)
     running._extreme_into(fn, x.movedim(0, -1).contiguous().movedim(-1, 0), 0,
                           list(range(1, x.ndim)), out)
     torch.testing.assert_close(out, fn(x, list(range(1, x.ndim))), rtol=0, atol=0)
