@@ -493,6 +493,22 @@ def test_torch_compile_with_monitor_matches_eager() -> None:
     pd.testing.assert_frame_equal(compiled, eager, check_exact=True)
 
 
+def test_torch_compile_breaks_the_graph_at_each_monitored_module() -> None:
+    """The eager hook skips ``torch.compiler.disable``'s wrapper; under dynamo it must still
+    enter the disabled path, so that each monitored module ends a graph."""
+    pytest.importorskip("torch._dynamo")
+    model = nn.Sequential(nn.Linear(6, 8), ELU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3),
+                          ELU())
+    monitor = ActivationMonitor(model)
+    assert len(monitor.modules) == 3
+    with monitor:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(torch.randn(16, 6))
+    torch._dynamo.reset()
+    assert explained.graph_count == 3  # a graph up to each monitored module's hook
+    assert (monitor.stats()["count"] == 16).all()
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_with_monitor() -> None:
     import shutil

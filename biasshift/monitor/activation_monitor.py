@@ -47,9 +47,10 @@ Distributed (``torch.distributed``, DDP)
 
 ``torch.compile``
     Enter the monitor (register the hooks) *before* compiling, or call
-    ``torch._dynamo.reset()`` after entering it. The hook is excluded from compilation
-    (``torch.compiler.disable``), so the compiled model breaks its graph at each monitored module
-    and the statistics equal those of eager execution.
+    ``torch._dynamo.reset()`` after entering it. The hook's work is excluded from compilation
+    (``torch.compiler.disable``, entered only while dynamo traces the hook), so the compiled
+    model breaks its graph at each monitored module and the statistics equal those of eager
+    execution.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ _INT_COLUMNS = ("count", "nonfinite")
 _RESERVED_TAGS = frozenset({"module", "unit", "bin", "bin_left", "bin_right", *STAT_COLUMNS})
 
 _compiler_disable = torch.compiler.disable
+_is_compiling = torch.compiler.is_compiling
 
 
 def _empty_stats_frame(tag_names: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
@@ -210,9 +212,19 @@ class ActivationMonitor:
                  tb: TracebackType | None) -> None:
         self.detach()
 
-    @_compiler_disable
     def _hook(self, name: str, _module: nn.Module, _inputs: object, output: object) -> None:
+        # eager: observe directly. Under torch.compile (dynamo tracing this hook) call the
+        # disabled twin, so that the graph breaks here and the statistics are eager ones;
+        # the decorator's wrapper would cost every eager call ~0.5 us (measured: 8 hooks of
+        # the 8x128 MLP, forward 4.4 us faster without it; ~0.4 % of a training step)
+        if _is_compiling():
+            self._observe_disabled(name, output)
+            return
         self._observe(name, output)
+
+    @_compiler_disable
+    def _observe_disabled(self, name: str, out: object) -> None:
+        self._observe(name, out)
 
     def _observe(self, name: str, out: object) -> None:
         if not isinstance(out, Tensor):
