@@ -198,3 +198,33 @@ def test_float64_activations_on_dyadic_bins_are_exact_at_the_extremes() -> None:
     c = _counts(x, 1, spec)
     np.testing.assert_array_equal(c[:, : spec.bins + 2], brute_force(x.numpy(), spec))
     assert c[0, 16] == 5  # the five tiny negatives lie in [-0.125, 0): slot 16 (bin 15)
+
+
+def test_index_dtype_is_the_narrowest_the_counting_kernel_takes() -> None:
+    from biasshift.monitor.histogram import index_dtype
+
+    cpu = torch.device("cpu")
+    assert index_dtype(2**15 - 1, cpu) == torch.int16
+    assert index_dtype(2**15, cpu) == torch.int32
+    assert index_dtype(2**31 - 1, cpu) == torch.int32
+    assert index_dtype(2**31, cpu) == torch.int64
+    assert index_dtype(100, torch.device("meta")) == torch.int32  # index_add_: no int16
+
+
+# units * (bins + 3) slots just below 2**15 (int16 indices) and just above (int32)
+@pytest.mark.parametrize(("bins", "units"), [(16, 1724), (16, 1725), (8, 2978), (8, 2979)])
+@pytest.mark.parametrize("finite", [True, False])
+def test_counts_on_both_sides_of_the_int16_index_limit(bins: int, units: int,
+                                                       finite: bool) -> None:
+    spec = HistogramSpec(bins=bins, range=(-2.0, 6.0))
+    gen = torch.Generator().manual_seed(units + bins)
+    x = torch.randn(40, units, generator=gen) * 3 + 1
+    x[:, -1] = 6.0  # the last unit (the largest indices): all in the overflow bin
+    x[0, 0] = -100.0
+    if not finite:
+        x[1, 1], x[2, 2], x[3, -1] = math.nan, math.inf, -math.inf
+    acc = RunningStats(units, histogram=spec, buffer_rows=0)
+    acc.update(x, 1)
+    c = acc.histogram_counts().numpy()
+    np.testing.assert_array_equal(c, brute_force(x.double().numpy(), spec))
+    assert c[:, :].sum() == np.isfinite(x.numpy()).sum()

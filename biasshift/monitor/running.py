@@ -85,7 +85,7 @@ import torch
 from torch import Tensor
 
 from biasshift._torch import Workspace
-from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram
+from biasshift.monitor.histogram import HistogramSpec, accumulate_histogram, index_dtype
 
 __all__ = [
     "DIRECT_ELEMENTS",
@@ -684,7 +684,9 @@ class RunningStats:
                 part = x.narrow(split, start, min(step, x.shape[split] - start))
                 work = self.scratch.like("hist", part, torch.float64)
                 slots = self.scratch.like("hist_slots", part, torch.float32)
-                index = self.scratch.like("hist_index", part, torch.int32)
+                index = self.scratch.like("hist_index", part,
+                                          index_dtype(self.units * self.histogram.slots,
+                                                      part.device))
                 accumulate_histogram(hist, part, unit_dim, self.histogram, work, index, slots,
                                      finite=bool(finite))
 
