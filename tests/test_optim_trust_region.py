@@ -170,9 +170,14 @@ def applied_quadratics(model: nn.Module, opt: UnitNaturalGradient, x: torch.Tens
         L = opt.factors(name).factor
         block += float((step.unsqueeze(1) @ (L @ (L.mT @ step.unsqueeze(-1)))).sum())
         d = opt.factors(name).apply(torch.cat(gparts, 1))
-        nus.append(float(-(step * d).sum() / (lr * (d * d).sum())))
+        dd = float((d * d).sum())
+        if dd > 0:  # a layer whose units all died (zero gradient) has no ν to read off
+            nus.append(float(-(step * d).sum()) / (lr * dd))
+        else:
+            assert not step.any(), name  # and takes no step
     # one ν per param group (at extreme lr a unit that died takes its plain gradient, which the
     # ν read off here ignores: nu_tol)
+    assert nus, "every preconditioned layer has a zero gradient"
     assert max(nus) - min(nus) < nu_tol * max(nus), nus
     return float(s.square().mean()), block, nus[0]
 
