@@ -19,7 +19,8 @@ tracker (``--reps`` times, medians reported):
 directly (a plain PyTorch loop, SGD, batch 64) against an SGD step, interleaved, for each probe
 size in float32 (default: one refinement step; and ``refine=0``) and float64, the previous
 implementation (``UnitFisher.accumulate`` + ``report`` in float64, what the tracker ran before
-it was built on the probe) for comparison, and the flop floor (:func:`flop_floor`)::
+it was built on the probe) for comparison, the flop floor (:func:`flop_floor`) and the
+kernel floor (:func:`kernel_floor`: the unavoidable kernels timed as the probe calls them)::
 
     python analyses/bench_tracking.py --probe-sizes 128 512 2048 --reps 3 [--json out.json]
 
@@ -38,6 +39,7 @@ import time
 import warnings
 
 import torch
+from torch import Tensor
 
 from biasshift.data import ArrayDataset, load_dataset
 from biasshift.data.base import DatasetNotFoundError
@@ -129,6 +131,67 @@ def flop_floor(model: torch.nn.Module, probe: int, scores: int, device: torch.de
     return {"matmul_GFLOP_per_s": rate / 1e9, "flops": parts, "floor_s": flops / rate}
 
 
+def kernel_floor(probe: BiasShiftProbe, device: torch.device, reps: int = 3) -> dict:
+    r"""The part of a measurement no implementation of the probe's maths can skip, timed with
+    the kernels the probe calls, on this probe's own rows and weights (best of ``reps``):
+
+    * the probe pass (forward + the batched Fisher backward: the rows ``X`` and ``w = Σδ²``);
+    * per layer with more rows ``P`` than inputs ``n``: the δ²-weighted Grams
+      (:func:`~biasshift.fisher.bias_shift_probe._strip_gram`) and *two* Cholesky
+      factorisations per unit (damped, and undamped for ``k_undamped`` and ``mean_scale_q``;
+      :func:`~biasshift.theory.cholesky_ex` as the probe calls it);
+    * per layer with ``P ≤ n`` (sample space): ``K = X̃X̃ᵀ`` and one ``P²`` factorisation per
+      unit, in the probe's chunks.
+
+    Left out: every solve, the refinement, the Woodbury block's assembly, the Theorem 1-2
+    algebra and the host transfer. Where :func:`flop_floor` prices the flops at the GEMM
+    rate, this prices them at the rates this machine's torch and LAPACK deliver for these
+    shapes (small Cholesky blocks in particular run far below the GEMM rate).
+    """
+    from biasshift.fisher.bias_shift_probe import _strip_gram
+    from biasshift.hooks import eval_mode
+    from biasshift.theory import cholesky_ex
+
+    def probe_pass():
+        with eval_mode(probe.model):
+            return probe._probe_pass()
+
+    def factor_time(A: Tensor, triangle: str) -> float:
+        """One factorisation of the blocks ``A`` in place of a copy (the copy's time taken
+        off: the probe factors its blocks in their own memory)."""
+        work = A.clone()
+        both = _best_of(lambda: cholesky_ex(work.copy_(A), triangle=triangle, overwrite=True,
+                                            clean=False), reps, device)
+        return max(0.0, both - _best_of(lambda: work.copy_(A), reps, device))
+
+    parts = {"probe_pass": _best_of(probe_pass, reps, device), "gram": 0.0, "cholesky": 0.0}
+    X, W, _ = probe_pass()
+    for name in probe.layers:
+        Xa = X[name][:, 0, 1:].to(probe.dtype)
+        P, n = Xa.shape
+        Xc = Xa - Xa.mean(0)
+        w = (W[name].to(probe.dtype) / P).T.contiguous()  # (units, P)
+        U = w.shape[0]
+        if P <= n:
+            parts["gram"] += _best_of(lambda Xc=Xc: Xc @ Xc.T, reps, device)
+            K = Xc @ Xc.T
+            per_chunk = 4 * P * P * Xc.element_size()
+            chunk = max(1, min(U, probe.memory_budget // max(1, per_chunk)))
+            d = w.clamp_min(0).sqrt()
+            for u0 in range(0, U, chunk):
+                ds = d[u0:u0 + chunk]
+                C = ds.unsqueeze(-1) * K * ds.unsqueeze(-2)
+                C.diagonal(dim1=-2, dim2=-1).add_(1e-3 * C.diagonal(dim1=-2, dim2=-1).mean())
+                parts["cholesky"] += factor_time(C, "both")
+        else:
+            parts["gram"] += _best_of(lambda Xc=Xc, w=w: _strip_gram(Xc, w, probe.memory_budget),
+                                      reps, device)
+            G = _strip_gram(Xc, w, probe.memory_budget)
+            G.diagonal(dim1=-2, dim2=-1).add_(1e-3 * G.diagonal(dim1=-2, dim2=-1).mean())
+            parts["cholesky"] += 2 * factor_time(G, "upper")  # damped and undamped
+    return {"parts_s": parts, "floor_s": sum(parts.values())}
+
+
 def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.device) -> dict:
     """Seconds per SGD step and per probe measurement (interleaved, medians) per probe size."""
     g = torch.Generator().manual_seed(0)
@@ -202,13 +265,19 @@ def bench_probe(sizes: list[int], reps: int, damping: float, device: torch.devic
         floor = flop_floor(model, M, 10, device)
         floor["sgd_steps"] = floor["floor_s"] / t_step
         out["sizes"][M]["flop_floor"] = floor
+        kfloor = kernel_floor(probes["float32"], device)
+        kfloor["sgd_steps"] = kfloor["floor_s"] / t_step
+        out["sizes"][M]["kernel_floor"] = kfloor
         line = ", ".join(f"{k} {d['seconds'] * 1e3:.0f} ms = {d['sgd_steps']:.0f} SGD steps"
-                         for k, d in out["sizes"][M].items() if k != "flop_floor")
+                         for k, d in out["sizes"][M].items()
+                         if k not in ("flop_floor", "kernel_floor"))
         print(f"probe {M:5d}: SGD step {t_step * 1e3:.2f} ms; {line}; flop floor "
               f"{floor['floor_s'] * 1e3:.0f} ms = {floor['sgd_steps']:.0f} SGD steps (matmul "
               f"{floor['matmul_GFLOP_per_s']:.0f} GFLOP/s; GFLOP: "
-              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in floor["flops"].items()) + ")",
-              flush=True)
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in floor["flops"].items()) + "); "
+              f"kernel floor {kfloor['floor_s'] * 1e3:.0f} ms = {kfloor['sgd_steps']:.0f} SGD "
+              "steps (" + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in
+                                    kfloor["parts_s"].items()) + ")", flush=True)
     return out
 
 
