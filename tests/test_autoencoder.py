@@ -392,14 +392,9 @@ def test_collapsed_runs_are_drawn_apart_and_left_out_of_the_band() -> None:
 
 # ------------------------------------------------------------------------------------ scripts
 def _script(name: str):
-    import importlib.util
-    from pathlib import Path
+    from _analyses import load_analysis
 
-    path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_analysis(name)
 
 
 def test_bench_flop_count_matches_torch_flop_counter() -> None:

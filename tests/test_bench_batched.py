@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parents[1] / "analyses" / "bench_batched.py"
+from _analyses import load_analysis
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_batched", PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_analysis("bench_batched")
 
 
 def test_bench_batched_cpu_tiny(tmp_path) -> None:

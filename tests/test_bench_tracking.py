@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
+from _analyses import load_analysis
 
 from biasshift import BiasShiftProbe
 from biasshift.models import paper_mlp
-
-PATH = Path(__file__).resolve().parents[1] / "analyses" / "bench_tracking.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_tracking", PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_floors_on_a_net_with_both_solver_kinds() -> None:
     """40 probe rows: the 64-input first layer is in sample space (P <= n), the 16-input
     hidden layers in parameter space; both floors have every part and add them up."""
-    mod = _module()
+    mod = load_analysis("bench_tracking")
     torch.manual_seed(0)
     model = paper_mlp("elu", depth=3, width=16, in_features=64)
     x, y = torch.randn(40, 64), torch.randint(0, 10, (40,))

@@ -4,22 +4,16 @@ result set of the analyses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
+from _analyses import load_analysis
 
 from biasshift.io import check_result_set
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "ddp_monitor.py"
-
 
 def test_single_process_run_publishes_the_result_set(tmp_path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("ddp_monitor", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_analysis("ddp_monitor")
     assert mod.main(["--steps", "3", "--width", "0.05", "--probe-every", "2",
                      "--snapshot-every", "2", "--probe-size", "8", "--batch-size", "4",
                      "--out", str(tmp_path)]) == 0
