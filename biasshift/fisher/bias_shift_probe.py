@@ -170,6 +170,17 @@ def _cos(x: Tensor, y: Tensor) -> Tensor:
     return _dot(x, y) / (x.norm(dim=-1) * y.norm(dim=-1))
 
 
+def _refined(solve: Callable[[Tensor], Tensor], apply: Callable[[Tensor], Tensor],
+             rhs: Tensor, Y: Tensor, steps: int) -> Tensor:
+    """Mixed-precision iterative refinement of ``Y ≈ M⁻¹ rhs``: ``Y ← Y + solve(rhs − MY)``
+    ``steps`` times, the residual (``apply``: ``V ↦ MV``) and ``Y`` in float64, the solves in
+    ``rhs``'s dtype; returns float64 ``Y``."""
+    rhs64, Y = rhs.to(torch.float64), Y.to(torch.float64)
+    for _ in range(steps):
+        Y = Y + solve((rhs64 - apply(Y)).to(rhs.dtype)).to(torch.float64)
+    return Y
+
+
 def _bad_pivots(diag: Tensor, L: Tensor, info: Tensor) -> Tensor:
     """Flags of :func:`biasshift.theory.cholesky_solver`: failed or near-zero (Jacobi-scaled)
     pivots, from the blocks' diagonals ``diag (B, n)`` and factors ``L``."""
@@ -869,10 +880,7 @@ class BiasShiftProbe:
         rhs = torch.stack([gv, E], dim=-1)
         Y = solve_M(rhs)
         if apply_M is not None:
-            rhs64 = rhs.to(torch.float64)
-            Y = Y.to(torch.float64)
-            for _ in range(refine):
-                Y = Y + solve_M((rhs64 - apply_M(Y)).to(rhs.dtype)).to(torch.float64)
+            Y = _refined(solve_M, apply_M, rhs, Y, refine)
             c, lam, Et, mu, g = (t.to(torch.float64) for t in (c, lam, Et, mu, g))
             E = mu + Et
             g0, gv = g[:, 0], g[:, 1:]
@@ -955,9 +963,7 @@ class BiasShiftProbe:
             cs, es = c[s], e
             apply0 = self._apply_M(Xc, W[s], e, torch.zeros_like(lam[s]))
             if apply0 is not None:  # refine the float32 solve (see _theorems)
-                rhs64, z0 = rhs0.to(torch.float64), z0.to(torch.float64)
-                for _ in range(self.refine):
-                    z0 = z0 + und((rhs64 - apply0(z0)).to(rhs0.dtype)).to(torch.float64)
+                z0 = _refined(und, apply0, rhs0, z0, self.refine)
                 cs, es, E = cs.to(torch.float64), es.to(torch.float64), E.to(torch.float64)
             z0 = z0.squeeze(-1)
             nan0 = torch.full_like(cs, float("nan"))
