@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
 
 from biasshift.data import ZCA, global_contrast_normalize, pad_crop_flip
 from biasshift.models import cifar_conv11, cifar_conv18, count_parameters, imagenet_conv15
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from biasshift.timing import best_of
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
     """Best wall time of ``repeat`` runs (after one warm-up), in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_of(fn, repeat, device)
 
 
 def train_step_rate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,

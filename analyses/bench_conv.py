@@ -23,13 +23,9 @@ import torch
 
 from biasshift import ActivationMonitor
 from biasshift.models.conv import cifar_conv11, cifar_pooled_stacks, paired_he_init_
+from biasshift.timing import synchronize as _sync
 
 ACTS = ("elu", "srelu", "lrelu", "relu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,

@@ -117,6 +117,7 @@ from torch import nn
 from biasshift import ActivationMonitor
 from biasshift.activations import ELU
 from biasshift.models import paper_mlp
+from biasshift.timing import synchronize as sync
 
 BATCH = 64
 
@@ -239,11 +240,6 @@ def make_step(model: nn.Module, xs, ys) -> Callable[[int], None]:
         opt.step()
 
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _size(b: int) -> str:

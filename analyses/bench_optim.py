@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 from biasshift.models import paper_mlp
 from biasshift.optim import UnitNaturalGradient, block_solve
+from biasshift.timing import best_of
+from biasshift.timing import synchronize as sync
 
 SETTINGS = [
     ("sgd", None),
@@ -61,29 +63,12 @@ SETTINGS = [
 TPMV = ("ung tpmv",)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build(kw: dict | None, device: torch.device, lr: float):
     torch.manual_seed(0)
     model = paper_mlp("elu").to(device)
     if kw is None:
         return model, torch.optim.SGD(model.parameters(), lr=lr)
     return model, UnitNaturalGradient(model, lr=lr, **kw)
-
-
-def _best_of(fn, reps: int, device: torch.device) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def hardware_floor(opt: UnitNaturalGradient, device: torch.device, batch: int, streamed: int,
@@ -104,9 +89,9 @@ def hardware_floor(opt: UnitNaturalGradient, device: torch.device, batch: int, s
     shapes = [tuple(layer.factors.factor.shape) for layer in opt._layers
               if layer.factors is not None]
     big = torch.ones(max(1, streamed // 4), device=device)
-    t_read = _best_of(lambda: big.sum(), 5, device)
+    t_read = best_of(lambda: big.sum(), 5, device)
     a = torch.randn(1024, 1024, device=device)
-    t_mm = _best_of(lambda: a @ a, 5, device)
+    t_mm = best_of(lambda: a @ a, 5, device)
     rate = 2 * 1024**3 / t_mm
     gram_flops = sum(u * m * (m + 1) / 2 * batch * 2 for u, m, _ in shapes)
     chol_flops = sum(u * m**3 / 3 for u, m, _ in shapes)
@@ -222,8 +207,8 @@ def main() -> None:
             W, _ = block_solve._packed_tri_inverse(f.factor)
             g = torch.randn(f.factor.shape[:2])
             m = f.factor.shape[-1]
-            t_tpmv += (_best_of(lambda W=W, g=g, m=m: block_solve._blas_tpmv(W, g, m), 3, device)
-                       - _best_of(lambda f=f, g=g: f.apply(g), 3, device))
+            t_tpmv += (best_of(lambda W=W, g=g, m=m: block_solve._blas_tpmv(W, g, m), 3, device)
+                       - best_of(lambda f=f, g=g: f.apply(g), 3, device))
     t_apply_tpmv = t_apply + t_tpmv
     streamed = sum(f.factor.numel() * f.factor.element_size() // (2 if f.form == "cholesky" else 1)
                    for f in (layer.factors for layer in opt._layers) if f is not None)

@@ -46,13 +46,10 @@ from biasshift.data.base import DatasetNotFoundError
 from biasshift.fisher.bias_shift_probe import BiasShiftProbe
 from biasshift.fisher.unit_fisher import UnitFisher
 from biasshift.models import paper_mlp
+from biasshift.timing import best_of
+from biasshift.timing import synchronize as _sync
 from biasshift.train import Trainer
 from biasshift.train.tracking import BiasShiftTracker, StepSchedule
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def mnist_shaped(data_dir: str | None) -> ArrayDataset:
@@ -83,18 +80,6 @@ def timed_fit(ds: ArrayDataset, device: torch.device, plugins: list, epochs: int
     return time.perf_counter() - t0
 
 
-def _best_of(fn, reps: int, device: torch.device) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def flop_floor(model: torch.nn.Module, probe: int, scores: int, device: torch.device) -> dict:
     r"""The flops a measurement cannot avoid with the probe's algorithms, and their time at
     ``torch.matmul``'s float32 rate on 1024² measured in this process (best of 5): a bound
@@ -114,7 +99,7 @@ def flop_floor(model: torch.nn.Module, probe: int, scores: int, device: torch.de
     lower-order in flops, though not in memory traffic).
     """
     a = torch.randn(1024, 1024, device=device)
-    rate = 2 * 1024**3 / _best_of(lambda: a @ a, 5, device)
+    rate = 2 * 1024**3 / best_of(lambda: a @ a, 5, device)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     P = probe
     parts = {"gram": 0.0, "cholesky": 0.0, "sample_gram": 0.0, "probe_pass": 0.0}
@@ -160,11 +145,11 @@ def kernel_floor(probe: BiasShiftProbe, device: torch.device, reps: int = 3) -> 
         """One factorisation of the blocks ``A`` in place of a copy (the copy's time taken
         off: the probe factors its blocks in their own memory)."""
         work = A.clone()
-        both = _best_of(lambda: cholesky_ex(work.copy_(A), triangle=triangle, overwrite=True,
+        both = best_of(lambda: cholesky_ex(work.copy_(A), triangle=triangle, overwrite=True,
                                             clean=False), reps, device)
-        return max(0.0, both - _best_of(lambda: work.copy_(A), reps, device))
+        return max(0.0, both - best_of(lambda: work.copy_(A), reps, device))
 
-    parts = {"probe_pass": _best_of(probe_pass, reps, device), "gram": 0.0, "cholesky": 0.0}
+    parts = {"probe_pass": best_of(probe_pass, reps, device), "gram": 0.0, "cholesky": 0.0}
     X, W, _ = probe_pass()
     for name in probe.layers:
         Xa = X[name][:, 0, 1:].to(probe.dtype)
@@ -173,7 +158,7 @@ def kernel_floor(probe: BiasShiftProbe, device: torch.device, reps: int = 3) -> 
         w = (W[name].to(probe.dtype) / P).T.contiguous()  # (units, P)
         U = w.shape[0]
         if P <= n:
-            parts["gram"] += _best_of(lambda Xc=Xc: Xc @ Xc.T, reps, device)
+            parts["gram"] += best_of(lambda Xc=Xc: Xc @ Xc.T, reps, device)
             K = Xc @ Xc.T
             per_chunk = 4 * P * P * Xc.element_size()
             chunk = max(1, min(U, probe.memory_budget // max(1, per_chunk)))
@@ -184,7 +169,7 @@ def kernel_floor(probe: BiasShiftProbe, device: torch.device, reps: int = 3) -> 
                 C.diagonal(dim1=-2, dim2=-1).add_(1e-3 * C.diagonal(dim1=-2, dim2=-1).mean())
                 parts["cholesky"] += factor_time(C, "both")
         else:
-            parts["gram"] += _best_of(lambda Xc=Xc, w=w: _strip_gram(Xc, w, probe.memory_budget),
+            parts["gram"] += best_of(lambda Xc=Xc, w=w: _strip_gram(Xc, w, probe.memory_budget),
                                       reps, device)
             G = _strip_gram(Xc, w, probe.memory_budget)
             G.diagonal(dim1=-2, dim2=-1).add_(1e-3 * G.diagonal(dim1=-2, dim2=-1).mean())

@@ -26,12 +26,8 @@ import torch.nn.functional as F
 
 from biasshift.data import load_dataset
 from biasshift.models import paper_mlp
+from biasshift.timing import synchronize as _sync
 from biasshift.train import Trainer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_loop(ds, device: torch.device, steps: int, act: str) -> float:
