@@ -41,6 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from biasshift.timing import best_of
+from biasshift.timing import synchronize as sync
+
 ACTS = ("elu", "relu", "lrelu", "srelu")
 
 
@@ -99,11 +102,6 @@ def matmul_rate(device: torch.device, repeat: int = 5) -> float:
     return 2.0 * 1024**3 / best / 1e9
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def trainers(net: str, K: int, ds: Any, device: str, acts: tuple[str, ...] = ACTS,
              momentum: float = 0.0) -> list:
     """``K`` members; with ``momentum`` their SGD has it and weight decay 5e-4 (as the
@@ -127,15 +125,7 @@ def trainers(net: str, K: int, ds: Any, device: str, acts: tuple[str, ...] = ACT
 
 def time_epochs(fn, steps: int, device: torch.device, repeat: int) -> float:
     """Best seconds per step of ``fn()`` (one epoch of ``steps`` steps), after a warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        s = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, (time.perf_counter() - s) / steps)
-    return best
+    return best_of(fn, repeat, device) / steps
 
 
 def vmap_step_fn(net: str, K: int, ds: Any, batch: int):
